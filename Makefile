@@ -1,0 +1,30 @@
+# The two README commands: `make demo` (set up + run the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP_FLAGS := -q --disable-pip-version-check --no-warn-script-location
+export PYTHONWARNINGS := ignore
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/lossevo: pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install $(PIP_FLAGS) -c requirements/constraints.txt -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" ; test -x $(BIN)/lossevo
+	touch $(BIN)/lossevo
+
+setup: $(BIN)/lossevo  ## virtual environment with lossevo and its dependencies
+
+demo: setup  ## run the whole pipeline on the embedded default (digits), offline, 2 CPU cores
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	@echo "report: results/$$($(BIN)/lossevo show-experiment)/report/report.md"
+
+test: setup  ## the test suite (what .ci/run runs)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: setup  ## performance benchmark (ratios measured side by side)
+	$(BIN)/python benchmarks/bench_training.py
+
+clean:
+	rm -rf results .snakemake

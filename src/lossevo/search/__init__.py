@@ -1,0 +1,1 @@
+"""Loss-function searches. Each is generational with its state on disk (see :mod:`.state`)."""

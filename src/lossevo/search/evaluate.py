@@ -1,0 +1,83 @@
+"""Candidate evaluation shared by every search: partial training, retries, failure records.
+
+Fitness is the validation accuracy after partial training. Following the papers (TaylorGLO
+App. A.6): a run below ``abort.min_accuracy`` at ``abort.epoch`` is aborted and retried with a new
+seed, up to ``len(seeds)`` runs in all; if every attempt fails, the candidate keeps its last
+measured accuracy (as in the authors' code). A NaN/Inf loss gives fitness 0 and is not retried:
+the same loss diverges again. Nothing here raises for a misbehaving candidate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lossevo.data import Split
+from lossevo.training.population import train_many
+
+ATTEMPT_KEYS = ("seed", "status", "reason", "val_accuracy", "steps_done")
+
+
+def attempt_seed(base: int, generation: int, attempt: int) -> int:
+    """Training seed for a generation's attempt: shared by its candidates (common random numbers)."""
+    return int(np.random.SeedSequence([base, generation, attempt]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def rejected(index: int, reason: str) -> dict:
+    """Record for a candidate given fitness 0 without training (e.g. the invariant failed)."""
+    return {"index": index, "fitness": 0.0, "status": "rejected", "reason": reason, "attempts": []}
+
+
+def evaluate(
+    indexed_specs: list[tuple[int, dict]],
+    split: Split,
+    model_cfg: dict,
+    recipe: dict,
+    steps: int,
+    seeds: list[int],
+    abort: dict | None,
+    device: torch.device,
+) -> list[dict]:
+    """Partially train each (index, spec); ``seeds[a]`` is the seed of attempt ``a``.
+
+    Each attempt round trains all still-pending candidates together (batched where possible).
+    """
+    records = {i: {"index": i, "attempts": []} for i, _ in indexed_specs}
+    pending = list(indexed_specs)
+    for seed in seeds:
+        if not pending:
+            break
+        results = train_many(model_cfg, split, [s for _, s in pending], recipe, [seed] * len(pending),
+                             steps=steps, abort=abort, device=device, evaluate_test=False)
+        retry = []
+        for (i, spec), r in zip(pending, results):
+            records[i]["attempts"].append({k: r.get(k) for k in ATTEMPT_KEYS})
+            if r["status"] == "aborted":
+                retry.append((i, spec))
+        pending = retry
+    out = []
+    for i, _ in indexed_specs:
+        rec = records[i]
+        last = rec["attempts"][-1]
+        status = {"ok": "ok", "nan": "nan", "aborted": "failed"}[last["status"]]
+        rec.update(fitness=float(last["val_accuracy"]), status=status, reason=last["reason"])
+        out.append(rec)
+    return out
+
+
+def repeated(
+    indexed_specs: list[tuple[int, dict]],
+    split: Split,
+    model_cfg: dict,
+    recipe: dict,
+    steps: int,
+    seeds: list[int],
+    device: torch.device,
+) -> list[list[float | None]]:
+    """Validation accuracy of each spec trained once per seed (None where the loss diverged)."""
+    specs = [spec for _, spec in indexed_specs for _ in seeds]
+    all_seeds = [seed for _ in indexed_specs for seed in seeds]
+    results = train_many(model_cfg, split, specs, recipe, all_seeds, steps=steps, device=device,
+                         evaluate_test=False)
+    accs = [r["val_accuracy"] if r["status"] == "ok" else None for r in results]
+    return [accs[k * len(seeds) : (k + 1) * len(seeds)] for k in range(len(indexed_specs))]
