@@ -31,13 +31,17 @@ def _path(parts) -> str:
     return ".".join(str(p) for p in parts) or "<top level>"
 
 
+def _resolve(sch: dict, root: dict) -> dict:
+    return root["$defs"][sch["$ref"].rsplit("/", 1)[-1]] if "$ref" in sch else sch
+
+
 def _fill_defaults(node: Any, sch: dict, root: dict) -> Any:
     """Recursively insert schema ``default`` values for missing object properties."""
-    if "$ref" in sch:
-        sch = root["$defs"][sch["$ref"].rsplit("/", 1)[-1]]
+    sch = _resolve(sch, root)
     if not isinstance(node, dict):
         return node
     for key, sub in sch.get("properties", {}).items():
+        sub = _resolve(sub, root)
         if key not in node and "default" in sub:
             node[key] = copy.deepcopy(sub["default"])
         if key in node:

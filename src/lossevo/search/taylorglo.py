@@ -62,7 +62,7 @@ def new_optimizer(scfg: dict):
     opts = {
         "popsize": scfg["popsize"], "seed": math.nan, "randn": SeededRandn(scfg["seed"]),
         "CMA_active": scfg["cma_active"], "CMA_mirrors": 0, "verbose": -9, "verb_log": 0,
-        "verb_disp": 0, "signals_filename": None, "maxiter": scfg["generations"] + 1,
+        "verb_disp": 0, "signals_filename": "", "maxiter": scfg["generations"] + 1,
     }
     return cma.CMAEvolutionStrategy(np.zeros(dimension(scfg)), scfg["sigma"], opts)
 

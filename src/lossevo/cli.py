@@ -1,0 +1,169 @@
+"""Command line: one subcommand per pipeline stage. Thin: parse, call the library, report.
+
+Every stage reads params.yaml (``--params``) and an experiment name (``-e``, default: the one
+params.yaml selects). Errors print one line ``lossevo: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from lossevo import __version__
+from lossevo.errors import LossevoError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the default also prints the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _experiment(args):
+    import dataclasses
+
+    from lossevo import config
+
+    exp = config.experiment(config.load_params(args.params), args.experiment)
+    return dataclasses.replace(exp, threads=args.threads) if args.threads else exp
+
+
+def cmd_validate(args) -> None:
+    from lossevo import config
+
+    params = config.load_params(args.params)
+    print(f"{args.params}: ok ({len(params['experiments'])} experiments; selected {params['experiment']!r})")
+
+
+def cmd_show_experiment(args) -> None:
+    print(_experiment(args).name)
+
+
+def cmd_prepare(args) -> None:
+    from lossevo import data
+
+    exp = _experiment(args)
+    split = data.load(exp.cfg["data"])
+    data.save(split, exp.data_path)
+    print(f"[prepare] {exp.cfg['data']['dataset']}: {split.summary()} -> {exp.data_path}")
+
+
+def cmd_search(args) -> None:
+    from lossevo.search import taylorglo
+
+    exp = _experiment(args)
+    workers = args.workers or min(os.cpu_count() or 1, exp.search_cfg(args.search)["shards"])
+    best = taylorglo.run(exp, args.search, workers=workers)
+    print(f"[search {args.search}] best: {best['spec']} -> {exp.search_dir(args.search) / 'best.json'}")
+
+
+def cmd_search_step(args) -> None:
+    from lossevo.search import taylorglo
+
+    print(f"[search {args.search}] step -> {taylorglo.step(_experiment(args), args.search, args.generation)}")
+
+
+def cmd_search_shard(args) -> None:
+    from lossevo.search import taylorglo
+
+    path = taylorglo.evaluate_shard(_experiment(args), args.search, args.generation, args.shard)
+    print(f"[search {args.search}] shard -> {path}")
+
+
+def cmd_search_finalize(args) -> None:
+    from lossevo.search import taylorglo
+
+    exp = _experiment(args)
+    best = taylorglo.finalize(exp, args.search)
+    print(f"[search {args.search}] picked by {best['picked_by']}: {best['spec']}")
+
+
+def cmd_retrain(args) -> None:
+    from lossevo import retrain
+
+    exp = _experiment(args)
+    names = exp.loss_names() if args.loss == ["all"] else args.loss
+    for name in names:
+        t0 = time.perf_counter()
+        path = retrain.retrain(exp, name)
+        print(f"[retrain {name}] {len(retrain.seeds(exp))} seeds in {time.perf_counter() - t0:.1f}s -> {path}")
+
+
+def cmd_stats(args) -> None:
+    from lossevo.evaluate import stats
+
+    exp = _experiment(args)
+    df = stats.write(exp)
+    print(stats.markdown(df, exp.cfg["stats"]["baseline"]), end="")
+
+
+def cmd_report(args) -> None:
+    from lossevo import report
+
+    print(f"[report] -> {report.build(_experiment(args))}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lossevo", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"lossevo {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    common.add_argument("-e", "--experiment", help="experiment name (default: params.yaml's `experiment`)")
+    common.add_argument("--threads", type=int, default=None, help="torch threads (default: params `threads`)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    add("validate", cmd_validate, "validate params.yaml")
+    add("show-experiment", cmd_show_experiment, "print the selected experiment's name")
+    add("prepare", cmd_prepare, "load the dataset, split it, write results/EXP/data.pt")
+    s = add("search", cmd_search, "run a whole search (resumable; same result as the Snakemake fan-out)")
+    s.add_argument("-s", "--search", required=True, help="search name under experiments.EXP.search")
+    s.add_argument("--workers", type=int, default=0, help="parallel shard workers (default: min(cores, shards))")
+    for name, func, help in [
+        ("search-step", cmd_search_step, "tell generation G-1's fitnesses, ask generation G"),
+        ("search-shard", cmd_search_shard, "evaluate one shard of generation G"),
+    ]:
+        sp = add(name, func, help)
+        sp.add_argument("-s", "--search", required=True)
+        sp.add_argument("-g", "--generation", type=int, required=True)
+        if name == "search-shard":
+            sp.add_argument("--shard", type=int, required=True)
+    f = add("search-finalize", cmd_search_finalize, "tell the last generation, final selection, best.json")
+    f.add_argument("-s", "--search", required=True)
+    r = add("retrain", cmd_retrain, "retrain losses from scratch over the retraining seeds")
+    r.add_argument("-l", "--loss", nargs="+", default=["all"], help="loss names (default: all)")
+    add("stats", cmd_stats, "one-tailed Welch t-tests against the baseline loss")
+    add("report", cmd_report, "figures, Markdown report and metrics.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        if args.command not in ("validate", "show-experiment"):
+            import torch
+
+            from lossevo import config
+
+            threads = args.threads or config.load_params(args.params)["threads"]
+            torch.set_num_threads(threads)
+        args.func(args)
+    except LossevoError as exc:
+        print(f"lossevo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lossevo: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

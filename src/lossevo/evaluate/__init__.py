@@ -1,0 +1,1 @@
+"""Evaluation of trained losses: statistics (Welch t-tests); later FGSM and accuracy basins."""

@@ -1,0 +1,58 @@
+"""Retraining: each loss trained from scratch at full length over many seeds (test accuracy).
+
+A loss is either a spec in params.yaml or ``{search: NAME}``, meaning that search's best.json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lossevo import data as data_mod
+from lossevo.config import Experiment
+from lossevo.errors import LossevoError
+from lossevo.io import read_json, write_json
+from lossevo.training import trainer
+from lossevo.training.population import train_many
+
+
+def resolve_spec(exp: Experiment, loss: str) -> dict:
+    """The spec of a retrained loss: from params, or the best loss of the search it names."""
+    losses = exp.cfg["retrain"]["losses"]
+    if loss not in losses:
+        raise LossevoError(f"loss {loss!r} is not in experiments.{exp.name}.retrain.losses (have {list(losses)})")
+    entry = losses[loss]
+    if "search" not in entry:
+        return entry
+    best = exp.search_dir(entry["search"]) / "best.json"
+    if not best.exists():
+        raise LossevoError(f"{best}: not found (run search {entry['search']!r} first)")
+    return read_json(best)["spec"]
+
+
+def seeds(exp: Experiment) -> list[int]:
+    r = exp.cfg["retrain"]
+    return list(range(r["seed_offset"], r["seed_offset"] + r["seeds"]))
+
+
+def retrain(exp: Experiment, loss: str, device=None) -> Path:
+    """Train ``loss`` once per retraining seed; write retrain/<loss>.json with per-seed results."""
+    spec = resolve_spec(exp, loss)
+    device = device or trainer.resolve_device(exp.cfg["device"])
+    split = data_mod.load_prepared(exp.data_path).to(device)
+    run_seeds = seeds(exp)
+    t0 = time.perf_counter()
+    results = train_many(exp.cfg["model"], split, [spec] * len(run_seeds), exp.cfg["training"],
+                         run_seeds, device=device)
+    return write_json(exp.retrain_path(loss), {
+        "loss": loss,
+        "spec": spec,
+        "device": str(device),
+        "seconds": time.perf_counter() - t0,
+        "seeds": run_seeds,
+        "status": [r["status"] for r in results],
+        "reason": [r["reason"] for r in results],
+        # A diverged run counts as accuracy 0: dropping it would flatter the loss.
+        "test_accuracy": [float(r["test_accuracy"] or 0.0) for r in results],
+        "val_accuracy": [float(r["val_accuracy"] or 0.0) for r in results],
+    })
