@@ -55,9 +55,10 @@ def cmd_search(args) -> None:
     from lossevo.search import taylorglo
 
     exp = _experiment(args)
-    workers = args.workers or min(os.cpu_count() or 1, exp.search_cfg(args.search)["shards"])
-    best = taylorglo.run(exp, args.search, workers=workers)
-    print(f"[search {args.search}] best: {best['spec']} -> {exp.search_dir(args.search) / 'best.json'}")
+    for name in args.search or list(exp.cfg["search"]):
+        workers = args.workers or min(os.cpu_count() or 1, exp.search_cfg(name)["shards"])
+        best = taylorglo.run(exp, name, workers=workers)
+        print(f"[search {name}] picked by {best['picked_by']} -> {exp.search_dir(name) / 'best.json'}")
 
 
 def cmd_search_step(args) -> None:
@@ -123,8 +124,8 @@ def parser() -> argparse.ArgumentParser:
     add("validate", cmd_validate, "validate params.yaml")
     add("show-experiment", cmd_show_experiment, "print the selected experiment's name")
     add("prepare", cmd_prepare, "load the dataset, split it, write results/EXP/data.pt")
-    s = add("search", cmd_search, "run a whole search (resumable; same result as the Snakemake fan-out)")
-    s.add_argument("-s", "--search", required=True, help="search name under experiments.EXP.search")
+    s = add("search", cmd_search, "run searches to the end (resumable; same result as the Snakemake fan-out)")
+    s.add_argument("-s", "--search", nargs="+", help="search names under experiments.EXP.search (default: all)")
     s.add_argument("--workers", type=int, default=0, help="parallel shard workers (default: min(cores, shards))")
     for name, func, help in [
         ("search-step", cmd_search_step, "tell generation G-1's fitnesses, ask generation G"),

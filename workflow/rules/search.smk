@@ -1,0 +1,59 @@
+# A search unrolled: step g (tell g-1, ask g) -> shards of g in parallel -> step g+1 ... -> finalize.
+
+
+def step_inputs(wildcards):
+    g = int(wildcards.gen)
+    if g == 0:
+        return [DATA]
+    return [search_file(wildcards.search, g - 1, "candidates.json")] + shard_files(
+        wildcards.search, g - 1
+    )
+
+
+rule search_step:
+    input:
+        step_inputs,
+    output:
+        candidates=f"{ROOT}/search/{{search}}/gen_{{gen}}/candidates.json",
+        optimizer=f"{ROOT}/search/{{search}}/gen_{{gen}}/optimizer.pkl",
+    params:
+        digest=lambda wc: fingerprint(EXP, wc.search)["digest"],
+        g=lambda wc: int(wc.gen),
+    log:
+        f"{ROOT}/logs/search/{{search}}/step_{{gen}}.log",
+    shell:
+        "lossevo search-step {OPTS} -s {wildcards.search} -g {params.g} > {log} 2>&1"
+
+
+rule search_shard:
+    input:
+        f"{ROOT}/search/{{search}}/gen_{{gen}}/candidates.json",
+    output:
+        f"{ROOT}/search/{{search}}/gen_{{gen}}/shard_{{shard}}.json",
+    params:
+        g=lambda wc: int(wc.gen),
+        s=lambda wc: int(wc.shard),
+    threads: THREADS
+    resources:
+        gpu=0,
+    log:
+        f"{ROOT}/logs/search/{{search}}/shard_{{gen}}_{{shard}}.log",
+    shell:
+        "lossevo search-shard {OPTS} --threads {threads} -s {wildcards.search} -g {params.g} "
+        "--shard {params.s} > {log} 2>&1"
+
+
+rule search_finalize:
+    input:
+        lambda wc: [
+            search_file(wc.search, SEARCHES[wc.search]["generations"] - 1, "candidates.json")
+        ]
+        + shard_files(wc.search, SEARCHES[wc.search]["generations"] - 1),
+    output:
+        best=f"{ROOT}/search/{{search}}/best.json",
+        progress=f"{ROOT}/search/{{search}}/progress.csv",
+    threads: THREADS
+    log:
+        f"{ROOT}/logs/search/{{search}}/finalize.log",
+    shell:
+        "lossevo search-finalize {OPTS} --threads {threads} -s {wildcards.search} > {log} 2>&1"
