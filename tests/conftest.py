@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny experiment on the embedded digits data, written as a params file."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def tiny_params(results: Path, **search_overrides) -> dict:
+    """Seconds-long experiment: 2 searches (one with the invariant), 3 retraining seeds."""
+    search = {"method": "taylorglo", "popsize": 4, "generations": 3, "partial_steps": 20,
+              "shards": 2, "final_selection": {"top_k": 2, "seeds": 1}}
+    search.update(search_overrides)
+    return {
+        "experiment": "tiny",
+        "results_dir": str(results),
+        "experiments": {
+            "tiny": {
+                "data": {"dataset": "digits", "train_fraction": 0.1, "val_size": 297, "test_size": 500},
+                "model": {"name": "mlp", "hidden": [32]},
+                "training": {"lr": 0.1, "batch_size": 32, "steps": 60},
+                "search": {"tg": dict(search), "tgi": dict(search, invariant=True, generations=2)},
+                "retrain": {
+                    "seeds": 3,
+                    "losses": {
+                        "cross_entropy": {"kind": "cross_entropy"},
+                        "label_smoothing": {"kind": "label_smoothing", "alpha": 0.1},
+                        "baikal": {"kind": "baikal"},
+                        "tg": {"search": "tg"},
+                        "tgi": {"search": "tgi"},
+                    },
+                },
+            }
+        },
+    }
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    """Path of a params file for the tiny experiment, results under tmp_path/results."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params(tmp_path / "results")))
+    return path
+
+
+def lossevo_cmd() -> list[str]:
+    """The real console script next to this interpreter (falls back to ``python -m``)."""
+    script = Path(sys.executable).with_name("lossevo")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lossevo.cli"]
