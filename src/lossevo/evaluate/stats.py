@@ -47,7 +47,8 @@ def table(accuracies: dict[str, list[float]], baseline: str) -> pd.DataFrame:
 def markdown(df: pd.DataFrame, baseline: str) -> str:
     """The table as Markdown, mean (std) formatted like the papers' tables."""
     lines = [
-        f"| loss | n | test accuracy, mean (std) | t | df | p (H1: loss > {baseline}) | sig. | p (H1: loss < {baseline}) |",
+        f"| loss | n | test accuracy, mean (std) | t | df | p (H1: loss > {baseline}) | sig. "
+        f"| p (H1: loss < {baseline}) |",
         "|---|---|---|---|---|---|---|---|",
     ]
 

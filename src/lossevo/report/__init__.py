@@ -1,0 +1,461 @@
+"""Report stage: figures, ``report/report.md`` and ``metrics.json`` for one experiment.
+
+:func:`build` reads what the earlier stages wrote (prepared data, search directories, retrain
+JSONs, stats/welch.csv), checks that they belong together (a stale stats table or search is an
+error, not a silently wrong report), draws the figures (:mod:`lossevo.report.figures`) and
+writes the Markdown report and the flat ``metrics.json`` that ``dvc metrics show`` reads.
+Every number in the report is computed from those files; nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from lossevo.config import Experiment
+from lossevo.errors import LossevoError
+from lossevo.io import read_json, write_json, write_text
+from lossevo.report import figures
+
+CE_SPEC = {"kind": "cross_entropy"}
+
+
+# --------------------------------------------------------------------------- reading inputs
+
+
+def _read(path: Path, hint: str) -> dict:
+    if not Path(path).exists():
+        raise LossevoError(f"{path}: not found (run `{hint}` first)")
+    return read_json(path)
+
+
+def retrain_records(exp: Experiment) -> dict[str, dict]:
+    """Every retrained loss's JSON, in params order."""
+    return {name: _read(exp.retrain_path(name), f"lossevo retrain -l {name}")
+            for name in exp.loss_names()}
+
+
+def retrain_summary(record: dict) -> dict:
+    """Mean and sample std (ddof = 1, as the Welch table) of a loss's test accuracies."""
+    acc = np.asarray(record["test_accuracy"], dtype=float)
+    return {
+        "n": int(acc.size),
+        "test_acc_mean": float(acc.mean()),
+        "test_acc_std": float(acc.std(ddof=1)) if acc.size > 1 else math.nan,
+        "diverged": int(sum(s != "ok" for s in record["status"])),
+    }
+
+
+def welch_table(exp: Experiment, records: dict[str, dict]):
+    """stats/welch.csv restricted to this experiment's losses, checked against the retrain JSONs."""
+    import pandas as pd
+
+    path = exp.stats_dir / "welch.csv"
+    if not path.exists():
+        raise LossevoError(f"{path}: not found (run `lossevo stats` first)")
+    df = pd.read_csv(path).set_index("loss", drop=False)
+    for name, rec in records.items():
+        if name not in df.index:
+            raise LossevoError(f"{path}: no row for loss {name!r} (rerun `lossevo stats`)")
+        s = retrain_summary(rec)
+        row = df.loc[name]
+        if int(row["n"]) != s["n"] or not math.isclose(row["mean"], s["test_acc_mean"],
+                                                        rel_tol=0, abs_tol=1e-9):
+            raise LossevoError(
+                f"{path}: row {name!r} (n={row['n']}, mean={row['mean']:.6f}) does not match "
+                f"{exp.retrain_path(name)} (n={s['n']}, mean={s['test_acc_mean']:.6f}); "
+                f"rerun `lossevo stats`"
+            )
+    return df.loc[list(records)].reset_index(drop=True)
+
+
+def search_info(exp: Experiment, name: str, records: dict[str, dict]) -> dict:
+    """Totals, picks and curves of one search, checked against the current settings."""
+    from lossevo.search import taylorglo
+
+    scfg = exp.search_cfg(name)
+    root = exp.search_dir(name)
+    fp = _read(root / "search.json", f"lossevo search -s {name}")
+    if fp["digest"] != taylorglo.fingerprint(exp, name)["digest"]:
+        raise LossevoError(f"{root}: search results were made with other settings "
+                           f"(rerun `lossevo search -s {name}`)")
+    best = _read(root / "best.json", f"lossevo search -s {name}")
+    summaries = figures.generation_summaries(root, scfg["generations"])
+    points = figures.candidate_points(root, scfg["generations"], scfg["shards"])
+    paper = best["paper_pick"]
+    sel = best.get("final_selection")
+    chosen = sel["chosen"] if sel else paper
+
+    def full_val(c: dict) -> float | None:
+        if not sel:
+            return None
+        for row in sel["candidates"]:
+            if (row["generation"], row["index"]) == (c["generation"], c["index"]):
+                return row["full_val_mean"]
+        return None
+
+    retrained = [lname for lname, entry in exp.cfg["retrain"]["losses"].items()
+                 if entry.get("search") == name]
+    for lname in retrained:
+        if lname in records and records[lname]["spec"] != best["spec"]:
+            raise LossevoError(f"{exp.retrain_path(lname)}: its spec is not {root / 'best.json'}'s "
+                               f"(rerun `lossevo retrain -l {lname}`)")
+    total = {k: int(sum(s[k] for s in summaries))
+             for k in ("rejected", "failed", "retried", "evaluated", "trainings")}
+    return {
+        "name": name,
+        "settings": scfg,
+        "summaries": summaries,
+        "points": points,
+        "candidates": len(points),
+        **total,
+        "final_trainings": (len(sel["candidates"]) * len(sel["seeds"])) if sel else 0,
+        "best_partial_val_acc": float(paper["fitness"]),
+        "picked_by": best["picked_by"],
+        "paper_pick": {**_pick(paper), "full_val_mean": full_val(paper)},
+        "final_pick": {**_pick(chosen), "full_val_mean": full_val(chosen)} if sel else None,
+        "final_steps": sel["steps"] if sel else None,
+        "spec": best["spec"],
+        "retrained": retrained,
+    }
+
+
+def _pick(c: dict) -> dict:
+    return {"generation": c["generation"], "index": c["index"], "fitness": float(c["fitness"]),
+            "theta": [float(t) for t in c["theta"]]}
+
+
+def split_summary(exp: Experiment) -> dict:
+    from lossevo import data
+
+    return data.load_prepared(exp.data_path).summary()
+
+
+# --------------------------------------------------------------------------- metrics.json
+
+
+def _finite(x):
+    """JSON-safe: NaN/inf become None, recursively; numpy scalars become Python numbers."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
+
+
+def metrics(records: dict[str, dict], welch, searches: dict[str, dict]) -> dict:
+    """The flat metrics ``dvc metrics show`` prints (no NaN: missing values are null)."""
+    p = dict(zip(welch["loss"], welch["p"]))
+    retrain = {}
+    for name, rec in records.items():
+        s = retrain_summary(rec)
+        retrain[name] = {"test_acc_mean": s["test_acc_mean"], "test_acc_std": s["test_acc_std"],
+                         "p_vs_baseline": p.get(name), "diverged": s["diverged"]}
+    search = {}
+    for name, info in searches.items():
+        fp = info["final_pick"]
+        search[name] = {
+            "best_partial_val_acc": info["best_partial_val_acc"],
+            "rejected": info["rejected"], "failed": info["failed"], "retried": info["retried"],
+            "evaluations": info["evaluated"], "trainings": info["trainings"],
+            "final_val_acc": fp["full_val_mean"] if fp else None,
+        }
+    return _finite({"retrain": retrain, "search": search})
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def draw(exp: Experiment, records: dict, searches: dict, n_classes: int) -> dict[str, Path]:
+    """Write every figure under report/figures; return {key: path}. Stale PNGs are removed."""
+    from lossevo.search.taylorglo import spec_from_theta
+
+    fdir = exp.report_dir / "figures"
+    out: dict[str, Path] = {}
+    for name, info in searches.items():
+        curve = figures.search_curve(info["points"], info["summaries"])
+        picks = {f"paper pick (best partial, {info['paper_pick']['fitness']:.3f})":
+                 (info["paper_pick"]["generation"], info["paper_pick"]["fitness"])}
+        if info["final_pick"]:
+            fpk = info["final_pick"]
+            picks[f"final selection (full-length val {fpk['full_val_mean']:.3f})"] = (
+                fpk["generation"], fpk["fitness"])
+        out[f"search:{name}"] = figures.plot_search(
+            curve, fdir / f"search_{name}.png", f"Search {name}", n_classes, picks)
+        gen_curves = [
+            tuple(figures.shape_curve(spec_from_theta(info["settings"], s["best_theta"]), n)
+                  for n in (2, n_classes))
+            for s in info["summaries"]
+        ]
+        out[f"generations:{name}"] = figures.plot_generation_shapes(
+            gen_curves, fdir / f"generation_shapes_{name}.png", name)
+    shapes = {name: (figures.shape_curve(rec["spec"], 2), figures.shape_curve(rec["spec"], n_classes))
+              for name, rec in records.items()}
+    out["shapes"] = figures.plot_shapes(shapes, fdir / "loss_shapes.png")
+    out["retrain"] = figures.plot_retrain(figures.retrain_accuracies(records),
+                                          exp.cfg["stats"]["baseline"],
+                                          fdir / "retrain_accuracy.png")
+    keep = {p.name for p in out.values()}
+    for old in fdir.glob("*.png"):
+        if old.name not in keep:
+            old.unlink()
+    return out
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return format(x, spec)
+
+
+def _theta(theta: list[float]) -> str:
+    return "[" + ", ".join(f"{t:.3g}" for t in theta) + "]"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _rel(path: Path, base: Path) -> str:
+    return path.relative_to(base).as_posix()
+
+
+def _settings_section(exp: Experiment, split: dict, searches: dict) -> list[str]:
+    cfg = exp.cfg
+    d, m, t, r = cfg["data"], cfg["model"], cfg["training"], cfg["retrain"]
+    model = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
+    sched = (f"; lr × {t['gamma']} at steps {t['milestones']}" if t.get("milestones") else "")
+    seeds = list(range(r["seed_offset"], r["seed_offset"] + r["seeds"]))
+    lines = ["## Settings", ""]
+    lines += _table(["setting", "value"], [
+        ["dataset", f"{d['dataset']} (train_fraction {d.get('train_fraction', 1.0):g}, "
+                    f"split_seed {d.get('split_seed', 0)})"],
+        ["split sizes", f"{split['train']} train / {split['val']} validation / {split['test']} test; "
+                        f"{split['classes']} classes; input {split['input_shape']}"],
+        ["model", f"{m['name']}" + (f" ({model})" if model else "")],
+        ["training", f"SGD lr {t['lr']}, momentum {t.get('momentum', 0.0)}, weight decay "
+                     f"{t.get('weight_decay', 0.0)}, batch {t['batch_size']}, {t['steps']} steps"
+                     + sched],
+        ["retraining", f"{r['seeds']} seeds ({seeds[0]}–{seeds[-1]}) per loss, full length"],
+        ["statistics", f"one-tailed Welch t-test vs `{cfg['stats']['baseline']}`, "
+                       f"α = {cfg['stats']['alpha']}"],
+    ])
+    if searches:
+        keys = ["order", "variables", "convention", "class_reduction", "sigma", "popsize",
+                "generations", "partial_steps", "invariant", "cma_active", "seed", "shards",
+                "attempts", "abort", "final_selection"]
+        lines += ["", "Search settings:", ""]
+        lines += _table(["setting", *searches],
+                        [[k, *(_cell(info["settings"].get(k)) for info in searches.values())]
+                         for k in keys])
+    return lines
+
+
+def _cell(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {v2}" for k, v2 in v.items())
+    if isinstance(v, list):
+        return ", ".join(str(x) for x in v)
+    return str(v)
+
+
+def _search_section(searches: dict, records: dict, welch, n_classes: int) -> list[str]:
+    p = dict(zip(welch["loss"], welch["p"]))
+    rows = {
+        "popsize × generations": [], "total candidates": [], "rejected by the invariant": [],
+        "failed (aborted / NaN)": [], "retried": [], "evaluations (trained candidates)": [],
+        "trainings incl. retries": [], "final-selection trainings (full length)": [],
+        "best partial-training val. accuracy": [], "paper's pick: gen/idx, partial val.": [],
+        "paper's pick: full-length val. mean": [], "paper's pick: θ": [],
+        "final-selection pick: gen/idx, partial val.": [],
+        "final-selection pick: full-length val. mean": [], "final-selection pick: θ": [],
+        "retrained loss (picked by)": [], "retrained test accuracy, mean (std)": [],
+        "p vs baseline": [],
+    }
+    for info in searches.values():
+        s, pp, fp = info["settings"], info["paper_pick"], info["final_pick"]
+        rows["popsize × generations"].append(f"{s['popsize']} × {s['generations']}")
+        rows["total candidates"].append(info["candidates"])
+        rows["rejected by the invariant"].append(
+            info["rejected"] if s["invariant"] else f"{info['rejected']} (invariant off)")
+        rows["failed (aborted / NaN)"].append(info["failed"])
+        rows["retried"].append(info["retried"])
+        rows["evaluations (trained candidates)"].append(info["evaluated"])
+        rows["trainings incl. retries"].append(info["trainings"])
+        rows["final-selection trainings (full length)"].append(
+            f"{info['final_trainings']} × {info['final_steps']} steps" if fp else "0 (off)")
+        rows["best partial-training val. accuracy"].append(_fmt(info["best_partial_val_acc"]))
+        rows["paper's pick: gen/idx, partial val."].append(
+            f"{pp['generation']}/{pp['index']}, {pp['fitness']:.4f}")
+        rows["paper's pick: full-length val. mean"].append(_fmt(pp["full_val_mean"]))
+        rows["paper's pick: θ"].append(_theta(pp["theta"]))
+        if fp:
+            rows["final-selection pick: gen/idx, partial val."].append(
+                f"{fp['generation']}/{fp['index']}, {fp['fitness']:.4f}")
+            rows["final-selection pick: full-length val. mean"].append(_fmt(fp["full_val_mean"]))
+            rows["final-selection pick: θ"].append(
+                "same as the paper's pick" if fp["theta"] == pp["theta"] else _theta(fp["theta"]))
+        else:
+            for k in ("final-selection pick: gen/idx, partial val.",
+                      "final-selection pick: full-length val. mean", "final-selection pick: θ"):
+                rows[k].append("– (off)")
+        names = [n for n in info["retrained"] if n in records]
+        rows["retrained loss (picked by)"].append(
+            ", ".join(f"`{n}`" for n in names) + f" ({info['picked_by']})" if names else "– (not retrained)")
+        accs = [retrain_summary(records[n]) for n in names]
+        rows["retrained test accuracy, mean (std)"].append(
+            "; ".join(f"{a['test_acc_mean']:.4f} ({_fmt(a['test_acc_std'])})" for a in accs) or "–")
+        rows["p vs baseline"].append("; ".join(_fmt(p.get(n), ".3g") for n in names) or "–")
+    lines = ["## Searches side by side", "",
+             f"Fitness = validation accuracy after partial training (chance = 1/{n_classes} = "
+             f"{1 / n_classes:.3f}). θ in each search's convention (paper layout unless stated).",
+             ""]
+    lines += _table(["", *searches], [[k, *v] for k, v in rows.items()])
+    return lines
+
+
+def _caveats(exp: Experiment, split: dict, records: dict, welch, searches: dict,
+             n_classes: int) -> list[str]:
+    cfg = exp.cfg
+    baseline, alpha = cfg["stats"]["baseline"], cfg["stats"]["alpha"]
+    out = []
+    n = sorted({len(r["seeds"]) for r in records.values()})
+    seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}–{n[-1]}"
+    cma = ", ".join(f"{k}: {v['settings']['seed']}" for k, v in searches.items())
+    out.append(
+        f"The t-tests cover training-seed variance only: {seeds} seeds per loss on one fixed "
+        f"split (split_seed {cfg['data'].get('split_seed', 0)}, {split['test']} test examples). "
+        + (f"Each search ran once (CMA-ES seed {cma}), so search-to-search variance is not in "
+           f"the p-values." if searches else ""))
+    others = welch[welch["loss"] != baseline]
+    if len(others):
+        sig = others[others["p"] < alpha]
+        bonf = others[others["p"] < alpha / len(others)]
+        diff = (others["mean"] - welch.loc[welch["loss"] == baseline, "mean"].iloc[0]).abs().max()
+        out.append(
+            f"{len(others)} losses are tested against `{baseline}`: {len(sig)} have p < {alpha}; "
+            f"with a Bonferroni correction (p < {alpha / len(others):.3g}) {len(bonf)} remain. "
+            f"One test example is {1 / split['test']:.4f} accuracy; the largest difference from "
+            f"the baseline mean is {diff:.4f} ({diff * split['test']:.1f} examples).")
+    ce = figures.logit_gradient_norm(CE_SPEC, n_classes)
+    ratios = ", ".join(
+        f"`{k}` {figures.logit_gradient_norm(r['spec'], n_classes) / ce:.2f}×"
+        for k, r in records.items() if r["spec"]["kind"] != "cross_entropy")
+    if ratios:
+        out.append(
+            f"The loss scale acts as a learning rate: SGD's lr ({cfg['training']['lr']}) is the same "
+            f"for every loss, and at the uniform prediction ‖∂L/∂logits‖ relative to cross-entropy "
+            f"is {ratios}. Part of a learned loss's gain may be a better effective step size.")
+    for k, info in searches.items():
+        names = [nm for nm in info["retrained"] if nm in records]
+        test = "; ".join(f"{retrain_summary(records[nm])['test_acc_mean']:.4f}" for nm in names)
+        text = (f"`{k}`: the best partial-training validation accuracy "
+                f"({info['best_partial_val_acc']:.4f}) is the maximum over {info['evaluated']} "
+                f"trained candidates on the validation set used for selection, so it is "
+                f"optimistic" + (f"; the retrained test accuracy is {test}." if test else "."))
+        if info["failed"]:
+            text += (f" {info['failed']} of {info['evaluated']} trained candidates failed "
+                     f"(aborted or NaN) and keep their last measured accuracy as fitness.")
+        if info["settings"]["invariant"]:
+            text += (f" {info['rejected']} of {info['candidates']} candidates "
+                     f"({100 * info['rejected'] / max(1, info['candidates']):.0f}%) were rejected "
+                     f"by the invariant without training (fitness 0 for CMA-ES).")
+        fp = info["final_pick"]
+        if fp and fp["theta"] != info["paper_pick"]["theta"]:
+            text += (f" The final selection ({info['final_trainings']} extra full-length trainings, "
+                     f"scored on validation data only) replaced the paper's pick (full-length "
+                     f"val. {_fmt(info['paper_pick']['full_val_mean'])}) by gen {fp['generation']}/"
+                     f"{fp['index']} ({_fmt(fp['full_val_mean'])}).")
+        out.append(text)
+    budgets = {k: v["trainings"] + v["final_trainings"] for k, v in searches.items()}
+    if len(set(budgets.values())) > 1:
+        out.append("The searches had different budgets (trainings incl. retries and final "
+                   "selection: " + ", ".join(f"`{k}` {v}" for k, v in budgets.items())
+                   + "), so their comparison is not at equal cost.")
+    diverged = {k: retrain_summary(r)["diverged"] for k, r in records.items()}
+    if any(diverged.values()):
+        out.append("Diverged retraining runs count as accuracy 0: " + ", ".join(
+            f"`{k}` {v}" for k, v in diverged.items() if v) + ".")
+    else:
+        out.append("No retraining run diverged.")
+    out.append(
+        f"Loss-shape curves are a one-dimensional slice (all wrong classes equally likely). "
+        f"The {n_classes}-class curve uses this dataset's number of classes; the binary curve "
+        f"is the papers' plot and can be dominated by class-independent terms that the softmax "
+        f"cancels.")
+    return ["## Caveats", ""] + [f"- {c}" for c in out]
+
+
+def _shape_table(records: dict, n_classes: int) -> list[str]:
+    from lossevo.losses import describe
+
+    rows = []
+    for name, rec in records.items():
+        b, nc = (figures.shape_curve(rec["spec"], n) for n in (2, n_classes))
+        rows.append([f"`{name}`", describe(rec["spec"]), f"{b.p_min:.3f}", f"{nc.p_min:.3f}",
+                     f"{figures.logit_gradient_norm(rec['spec'], n_classes):.3f}"])
+    return _table(["loss", "kind", "binary: min at p", f"{n_classes}-class: min at p",
+                   "‖∂L/∂logits‖ at the uniform prediction"], rows)
+
+
+def markdown(exp: Experiment, split: dict, records: dict, welch, searches: dict,
+             figs: dict[str, Path]) -> str:
+    """The whole report as Markdown (figures linked relative to report.md)."""
+    from lossevo import __version__
+    from lossevo.evaluate import stats
+
+    base = exp.report_dir
+    n_classes = split["classes"]
+    baseline = exp.cfg["stats"]["baseline"]
+    best = welch.loc[welch["mean"].idxmax()]
+    lines = [f"# Loss-function metalearning report: `{exp.name}`", ""]
+    if exp.cfg.get("description"):
+        lines += [exp.cfg["description"], ""]
+    lines += [f"Generated by lossevo {__version__} from `{exp.root}`. Highest mean test accuracy: "
+              f"`{best['loss']}` {best['mean']:.4f} (baseline `{baseline}` "
+              f"{welch.loc[welch['loss'] == baseline, 'mean'].iloc[0]:.4f}).", ""]
+    lines += _settings_section(exp, split, searches) + [""]
+    lines += ["## Retraining: one-tailed Welch t-tests", "",
+              f"Test accuracy over the retraining seeds; H1: the loss's mean is greater than "
+              f"`{baseline}`'s. Stars: * p < 0.05, ** p < 0.01, *** p < 0.001.", ""]
+    lines += [stats.markdown(welch, baseline).rstrip("\n"), ""]
+    lines += [f"![test accuracy per seed]({_rel(figs['retrain'], base)})", ""]
+    if searches:
+        lines += _search_section(searches, records, welch, n_classes) + [""]
+        for name in searches:
+            lines += [f"![search curve {name}]({_rel(figs[f'search:{name}'], base)})", ""]
+    lines += ["## Loss shapes", "",
+              "Loss of one example vs. the predicted probability p of the correct class, "
+              "logits = log(probabilities); shifted so loss(p = 1) = 0, or so the minimum is 0 "
+              "where loss(p = 1) is infinite. Dots mark each curve's minimum.", ""]
+    lines += _shape_table(records, n_classes) + [""]
+    lines += [f"![loss shapes]({_rel(figs['shapes'], base)})", ""]
+    for name in searches:
+        lines += [f"Each generation's best candidate in `{name}` (colour = generation):", "",
+                  f"![generation shapes {name}]({_rel(figs[f'generations:{name}'], base)})", ""]
+    lines += _caveats(exp, split, records, welch, searches, n_classes)
+    return "\n".join(lines) + "\n"
+
+
+def build(exp: Experiment) -> Path:
+    """Report stage: figures, report/report.md and metrics.json; returns report.md's path."""
+    split = split_summary(exp)
+    records = retrain_records(exp)
+    welch = welch_table(exp, records)
+    searches = {name: search_info(exp, name, records) for name in exp.cfg["search"]}
+    figs = draw(exp, records, searches, split["classes"])
+    write_json(exp.root / "metrics.json", metrics(records, welch, searches))
+    return write_text(exp.report_dir / "report.md",
+                      markdown(exp, split, records, welch, searches, figs))
