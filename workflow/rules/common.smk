@@ -40,3 +40,18 @@ def search_file(search, g, name):
 def shard_files(search, g):
     shards = SEARCHES[search]["shards"]
     return [search_file(search, g, f"shard_{s:02d}.json") for s in range(shards)]
+
+
+def step_inputs(wildcards):
+    g = int(wildcards.gen)
+    if g == 0:
+        return [DATA]
+    return [search_file(wildcards.search, g - 1, "candidates.json")] + shard_files(
+        wildcards.search, g - 1
+    )
+
+
+def retrain_inputs(wildcards):
+    entry = LOSSES[wildcards.loss]
+    extra = [f"{ROOT}/search/{entry['search']}/best.json"] if "search" in entry else []
+    return [DATA] + extra

@@ -2,8 +2,11 @@ rule prepare:
     output:
         DATA,
     params:
+        opts=OPTS,
         data=EXP.cfg["data"],
     log:
         f"{ROOT}/logs/prepare.log",
+    conda:
+        "../envs/lossevo.yaml"
     shell:
-        "lossevo prepare {OPTS} > {log} 2>&1"
+        "lossevo prepare {params.opts} > {log} 2>&1"

@@ -5,7 +5,11 @@ rule report:
     output:
         report=REPORT,
         metrics=METRICS,
+    params:
+        opts=OPTS,
     log:
         f"{ROOT}/logs/report.log",
+    conda:
+        "../envs/lossevo.yaml"
     shell:
-        "lossevo report {OPTS} > {log} 2>&1"
+        "lossevo report {params.opts} > {log} 2>&1"

@@ -1,21 +1,18 @@
-def retrain_inputs(wildcards):
-    entry = LOSSES[wildcards.loss]
-    extra = [f"{ROOT}/search/{entry['search']}/best.json"] if "search" in entry else []
-    return [DATA] + extra
-
-
 rule retrain:
     input:
         retrain_inputs,
     output:
         f"{ROOT}/retrain/{{loss}}.json",
     params:
-        retrain=EXP.cfg["retrain"]["seeds"],
+        opts=OPTS,
+        retrain=EXP.cfg["retrain"],
     threads: THREADS
     log:
         f"{ROOT}/logs/retrain/{{loss}}.log",
+    conda:
+        "../envs/lossevo.yaml"
     shell:
-        "lossevo retrain {OPTS} --threads {threads} -l {wildcards.loss} > {log} 2>&1"
+        "lossevo retrain {params.opts} --threads {threads} -l {wildcards.loss} > {log} 2>&1"
 
 
 rule stats:
@@ -24,7 +21,11 @@ rule stats:
     output:
         csv=f"{ROOT}/stats/welch.csv",
         md=f"{ROOT}/stats/welch.md",
+    params:
+        opts=OPTS,
     log:
         f"{ROOT}/logs/stats.log",
+    conda:
+        "../envs/lossevo.yaml"
     shell:
-        "lossevo stats {OPTS} > {log} 2>&1"
+        "lossevo stats {params.opts} > {log} 2>&1"

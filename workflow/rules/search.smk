@@ -1,15 +1,6 @@
 # A search unrolled: step g (tell g-1, ask g) -> shards of g in parallel -> step g+1 ... -> finalize.
 
 
-def step_inputs(wildcards):
-    g = int(wildcards.gen)
-    if g == 0:
-        return [DATA]
-    return [search_file(wildcards.search, g - 1, "candidates.json")] + shard_files(
-        wildcards.search, g - 1
-    )
-
-
 rule search_step:
     input:
         step_inputs,
@@ -17,12 +8,15 @@ rule search_step:
         candidates=f"{ROOT}/search/{{search}}/gen_{{gen}}/candidates.json",
         optimizer=f"{ROOT}/search/{{search}}/gen_{{gen}}/optimizer.pkl",
     params:
+        opts=OPTS,
         digest=lambda wc: fingerprint(EXP, wc.search)["digest"],
         g=lambda wc: int(wc.gen),
     log:
         f"{ROOT}/logs/search/{{search}}/step_{{gen}}.log",
+    conda:
+        "../envs/lossevo.yaml"
     shell:
-        "lossevo search-step {OPTS} -s {wildcards.search} -g {params.g} > {log} 2>&1"
+        "lossevo search-step {params.opts} -s {wildcards.search} -g {params.g} > {log} 2>&1"
 
 
 rule search_shard:
@@ -31,15 +25,16 @@ rule search_shard:
     output:
         f"{ROOT}/search/{{search}}/gen_{{gen}}/shard_{{shard}}.json",
     params:
+        opts=OPTS,
         g=lambda wc: int(wc.gen),
         s=lambda wc: int(wc.shard),
     threads: THREADS
-    resources:
-        gpu=0,
     log:
         f"{ROOT}/logs/search/{{search}}/shard_{{gen}}_{{shard}}.log",
+    conda:
+        "../envs/lossevo.yaml"
     shell:
-        "lossevo search-shard {OPTS} --threads {threads} -s {wildcards.search} -g {params.g} "
+        "lossevo search-shard {params.opts} --threads {threads} -s {wildcards.search} -g {params.g} "
         "--shard {params.s} > {log} 2>&1"
 
 
@@ -53,7 +48,11 @@ rule search_finalize:
         best=f"{ROOT}/search/{{search}}/best.json",
         progress=f"{ROOT}/search/{{search}}/progress.csv",
     threads: THREADS
+    params:
+        opts=OPTS,
     log:
         f"{ROOT}/logs/search/{{search}}/finalize.log",
+    conda:
+        "../envs/lossevo.yaml"
     shell:
-        "lossevo search-finalize {OPTS} --threads {threads} -s {wildcards.search} > {log} 2>&1"
+        "lossevo search-finalize {params.opts} --threads {threads} -s {wildcards.search} > {log} 2>&1"
