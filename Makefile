@@ -3,14 +3,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := -q --disable-pip-version-check --no-warn-script-location
-export PYTHONWARNINGS := ignore
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+# pip warns about every unused local index location; keep the log readable.
+QUIET_PIP := { grep -v "^WARNING: Location" || true; }
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test bench clean
 
 $(BIN)/lossevo: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install $(PIP_FLAGS) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install $(PIP_FLAGS) -c requirements/constraints.txt -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" ; test -x $(BIN)/lossevo
+	$(BIN)/pip install $(PIP_FLAGS) -c requirements/constraints.txt -e '.[dev]' 2>&1 | $(QUIET_PIP)
 	touch $(BIN)/lossevo
 
 setup: $(BIN)/lossevo  ## virtual environment with lossevo and its dependencies
