@@ -197,7 +197,7 @@ def draw(exp: Experiment, records: dict, searches: dict, n_classes: int) -> dict
         ]
         out[f"generations:{name}"] = figures.plot_generation_shapes(
             gen_curves, fdir / f"generation_shapes_{name}.png", name)
-    shapes = {name: (figures.shape_curve(rec["spec"], 2), figures.shape_curve(rec["spec"], n_classes))
+    shapes = {name: tuple(figures.shape_curve(rec["spec"], n) for n in (2, n_classes))
               for name, rec in records.items()}
     out["shapes"] = figures.plot_shapes(shapes, fdir / "loss_shapes.png")
     out["retrain"] = figures.plot_retrain(figures.retrain_accuracies(records),
@@ -242,8 +242,9 @@ def _settings_section(exp: Experiment, split: dict, searches: dict) -> list[str]
     lines += _table(["setting", "value"], [
         ["dataset", f"{d['dataset']} (train_fraction {d.get('train_fraction', 1.0):g}, "
                     f"split_seed {d.get('split_seed', 0)})"],
-        ["split sizes", f"{split['train']} train / {split['val']} validation / {split['test']} test; "
-                        f"{split['classes']} classes; input {split['input_shape']}"],
+        ["split sizes", f"{split['train']} train / {split['val']} validation / "
+                        f"{split['test']} test; {split['classes']} classes; "
+                        f"input {split['input_shape']}"],
         ["model", f"{m['name']}" + (f" ({model})" if model else "")],
         ["training", f"SGD lr {t['lr']}, momentum {t.get('momentum', 0.0)}, weight decay "
                      f"{t.get('weight_decay', 0.0)}, batch {t['batch_size']}, {t['steps']} steps"
@@ -313,7 +314,8 @@ def _search_section(searches: dict, records: dict, welch, n_classes: int) -> lis
                 rows[k].append("– (off)")
         names = [n for n in info["retrained"] if n in records]
         rows["retrained loss (picked by)"].append(
-            ", ".join(f"`{n}`" for n in names) + f" ({info['picked_by']})" if names else "– (not retrained)")
+            ", ".join(f"`{n}`" for n in names) + f" ({info['picked_by']})" if names
+            else "– (not retrained)")
         accs = [retrain_summary(records[n]) for n in names]
         rows["retrained test accuracy, mean (std)"].append(
             "; ".join(f"{a['test_acc_mean']:.4f} ({_fmt(a['test_acc_std'])})" for a in accs) or "–")
@@ -347,17 +349,19 @@ def _caveats(exp: Experiment, split: dict, records: dict, welch, searches: dict,
         out.append(
             f"{len(others)} losses are tested against `{baseline}`: {len(sig)} have p < {alpha}; "
             f"with a Bonferroni correction (p < {alpha / len(others):.3g}) {len(bonf)} remain. "
-            f"One test example is {1 / split['test']:.4f} accuracy; the largest difference from "
-            f"the baseline mean is {diff:.4f} ({diff * split['test']:.1f} examples).")
+            f"One test example is {1 / split['test']:.4f} accuracy; the largest absolute "
+            f"difference from the baseline mean is {diff:.4f} "
+            f"({diff * split['test']:.1f} examples).")
     ce = figures.logit_gradient_norm(CE_SPEC, n_classes)
     ratios = ", ".join(
         f"`{k}` {figures.logit_gradient_norm(r['spec'], n_classes) / ce:.2f}×"
         for k, r in records.items() if r["spec"]["kind"] != "cross_entropy")
     if ratios:
         out.append(
-            f"The loss scale acts as a learning rate: SGD's lr ({cfg['training']['lr']}) is the same "
-            f"for every loss, and at the uniform prediction ‖∂L/∂logits‖ relative to cross-entropy "
-            f"is {ratios}. Part of a learned loss's gain may be a better effective step size.")
+            f"The loss scale acts as a learning rate: SGD's lr ({cfg['training']['lr']}) is "
+            f"the same for every loss, and at the uniform prediction ‖∂L/∂logits‖ relative "
+            f"to cross-entropy is {ratios}. Part of a learned loss's gain may be a better "
+            f"effective step size.")
     for k, info in searches.items():
         names = [nm for nm in info["retrained"] if nm in records]
         test = "; ".join(f"{retrain_summary(records[nm])['test_acc_mean']:.4f}" for nm in names)
@@ -374,10 +378,10 @@ def _caveats(exp: Experiment, split: dict, records: dict, welch, searches: dict,
                      f"by the invariant without training (fitness 0 for CMA-ES).")
         fp = info["final_pick"]
         if fp and fp["theta"] != info["paper_pick"]["theta"]:
-            text += (f" The final selection ({info['final_trainings']} extra full-length trainings, "
-                     f"scored on validation data only) replaced the paper's pick (full-length "
-                     f"val. {_fmt(info['paper_pick']['full_val_mean'])}) by gen {fp['generation']}/"
-                     f"{fp['index']} ({_fmt(fp['full_val_mean'])}).")
+            text += (f" The final selection ({info['final_trainings']} extra full-length "
+                     f"trainings, scored on validation data only) replaced the paper's pick "
+                     f"(full-length val. {_fmt(info['paper_pick']['full_val_mean'])}) by gen "
+                     f"{fp['generation']}/{fp['index']} ({_fmt(fp['full_val_mean'])}).")
         out.append(text)
     budgets = {k: v["trainings"] + v["final_trainings"] for k, v in searches.items()}
     if len(set(budgets.values())) > 1:

@@ -129,7 +129,8 @@ def generation_summaries(root: Path, generations: int) -> list[dict]:
 def search_curve(points: list[dict], summaries: list[dict]) -> dict:
     """The numbers of the search-curve figure, split by what is drawn how."""
     def sel(*statuses):
-        return [(p["generation"], p["index"], p["fitness"]) for p in points if p["status"] in statuses]
+        return [(p["generation"], p["index"], p["fitness"])
+                for p in points if p["status"] in statuses]
 
     return {
         "ok": sel("ok"),
