@@ -116,3 +116,23 @@ def _venv_path() -> str:
     from pathlib import Path
 
     return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def test_snakemake_with_two_cores_runs_two_shards_at_once(tmp_path):
+    params = tiny_params(tmp_path / "results", generations=1, popsize=4, shards=2, partial_steps=300,
+                         abort={"epoch": None, "min_accuracy": 0.15},
+                         final_selection={"top_k": 0, "seeds": 1})
+    params["experiments"]["tiny"]["search"].pop("tgi")
+    params["experiments"]["tiny"]["retrain"]["losses"].pop("tgi")
+    params["experiments"]["tiny"]["training"]["steps"] = 400
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    target = tmp_path / "results" / "tiny" / "search" / "tg" / "best.json"
+    out = subprocess.run(["snakemake", str(target), "--cores", "2", "--configfile", str(path)],
+                         capture_output=True, text=True, env=dict(os.environ, PATH=_venv_path()))
+    assert out.returncode == 0, out.stderr[-3000:]
+    root = target.parent
+    spans = [json.loads(state.shard_path(root, 0, s).read_text()) for s in (0, 1)]
+    (a0, a1), (b0, b1) = ((s["started"], s["started"] + s["seconds"]) for s in spans)
+    assert max(a0, b0) < min(a1, b1), f"shards ran one after the other: {spans[0]['seconds']:.2f}s, " \
+        f"{spans[1]['seconds']:.2f}s"

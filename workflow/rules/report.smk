@@ -5,6 +5,7 @@ rule report:
     output:
         report=REPORT,
         metrics=METRICS,
+        plots=expand(f"{ROOT}/plots/{{name}}.csv", name=["search_progress", "retrain_accuracy"]),
     params:
         opts=OPTS,
     log:

@@ -453,6 +453,19 @@ def markdown(exp: Experiment, split: dict, records: dict, welch, searches: dict,
     return "\n".join(lines) + "\n"
 
 
+def plot_tables(exp: Experiment, records: dict, searches: dict) -> None:
+    """Long-format CSVs that ``dvc plots`` draws: search progress and accuracy per seed."""
+    rows = ["search,generation,best_fitness,mean_fitness"]
+    for name in searches:
+        for s in figures.generation_summaries(exp.search_dir(name), exp.search_cfg(name)["generations"]):
+            rows.append(f"{name},{s['generation']},{s['best_fitness']:.6g},{s['mean_fitness']:.6g}")
+    write_text(exp.root / "plots" / "search_progress.csv", "\n".join(rows) + "\n")
+    rows = ["loss,seed,test_accuracy"]
+    for name, r in records.items():
+        rows += [f"{name},{seed},{acc:.6g}" for seed, acc in zip(r["seeds"], r["test_accuracy"])]
+    write_text(exp.root / "plots" / "retrain_accuracy.csv", "\n".join(rows) + "\n")
+
+
 def build(exp: Experiment) -> Path:
     """Report stage: figures, report/report.md and metrics.json; returns report.md's path."""
     split = split_summary(exp)
@@ -461,5 +474,6 @@ def build(exp: Experiment) -> Path:
     searches = {name: search_info(exp, name, records) for name in exp.cfg["search"]}
     figs = draw(exp, records, searches, split["classes"])
     write_json(exp.root / "metrics.json", metrics(records, welch, searches))
+    plot_tables(exp, records, searches)
     return write_text(exp.report_dir / "report.md",
                       markdown(exp, split, records, welch, searches, figs))

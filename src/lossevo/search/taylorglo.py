@@ -165,13 +165,15 @@ def evaluate_shard(exp: Experiment, name: str, g: int, s: int, device=None) -> P
     idx = state.shard_indices(scfg["popsize"], scfg["shards"], s)
     cands = [gen["candidates"][i] for i in idx]
     todo = [(c["index"], spec_from_theta(scfg, c["theta"])) for c in cands if c["invariant_ok"]]
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     done = evaluate.evaluate(todo, split, exp.cfg["model"], exp.cfg["training"], scfg["partial_steps"],
                              gen["train_seeds"], scfg["abort"], device)
     done += [evaluate.rejected(c["index"], "violates the TaylorGLO invariant")
              for c in cands if not c["invariant_ok"]]
     return write_json(state.shard_path(root, g, s), {
-        "generation": g, "shard": s, "seconds": time.perf_counter() - t0,
+        "generation": g, "shard": s, "device": str(device),
+        # Wall-clock span of the training (lets a user see shards running side by side).
+        "started": started, "seconds": time.perf_counter() - t0,
         "results": sorted(done, key=lambda r: r["index"]),
     })
 
