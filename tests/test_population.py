@@ -26,6 +26,7 @@ def split():
 @pytest.fixture(autouse=True)
 def fresh_warnings():
     population._warned.clear()
+    population._noted.clear()
     population._model_checks.clear()
     yield
 
@@ -195,3 +196,17 @@ def test_dropout_and_generic_vmap_path_run(split):
     ref = [trainer.train(cnn, split, losses.build(s), RECIPE, seed, steps=10)
            for s, seed in zip(specs, [0, 1, 0], strict=True)]
     assert_same(batched, ref, len(split.y_val))
+
+
+def test_compute_bound_model_on_cpu_trains_one_by_one(split, monkeypatch, caplog):
+    monkeypatch.setattr(population, "CPU_MAX_BATCHED_MACS", 0)
+    specs, seeds = learners(2), [0, 1]
+    with caplog.at_level("INFO", logger="lossevo.training.population"):
+        auto = population.train_many(MODEL, split, specs, RECIPE, seeds, steps=10)
+        population.train_many(MODEL, split, specs, RECIPE, seeds, steps=10)
+    assert len([r for r in caplog.records if "compute-bound" in r.getMessage()]) == 1
+    assert auto == single(split, specs, seeds, steps=10)
+    forced = population.train_many(MODEL, split, specs, RECIPE, seeds, steps=10, batched=True)
+    assert_same(forced, auto, len(split.y_val))
+    cost = population.candidate_cost(MODEL, split, 32)
+    assert cost[1] == 32 * (64 * 64 + 64 * 10)

@@ -31,15 +31,18 @@ Grouping and fallback: candidates are grouped by loss kind and its non-θ settin
 ``taylor``: order, variables, class reduction; θ and the convention live in the stacked
 centres/coefficients), and each group with more than one member is batched, in chunks of at
 most ``max_population`` (default: up to :data:`DEFAULT_MAX_POPULATION`, fewer when
-:func:`candidate_bytes` says the model is big). A model that cannot be batched (it has buffers, e.g. BatchNorm running
-statistics, or fails a vmap probe), or a loss kind this module does not know, falls back to the
-sequential trainer with one warning per process and reason.
+:func:`candidate_cost` says the model is big). On the CPU a compute-bound model (above
+:data:`CPU_MAX_BATCHED_MACS`) gains nothing from batching and is trained one by one (logged
+once). A model that cannot be batched (it has buffers, e.g. BatchNorm running statistics, or
+fails a vmap probe), or a loss kind this module does not know, falls back to the sequential
+trainer with one warning per process and reason.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -56,15 +59,21 @@ from lossevo.training import trainer
 
 #: Candidates trained together in one batched pass unless ``max_population`` says otherwise.
 DEFAULT_MAX_POPULATION = 32
-#: Memory a batched pass may plan for (see :func:`candidate_bytes`); on CUDA at least a quarter
+#: Memory a batched pass may plan for (see :func:`candidate_cost`); on CUDA at least a quarter
 #: of the device's memory.
 STATE_BUDGET_BYTES = 2 << 30
+#: On the CPU, batching pays where per-call overhead dominates a step; above this many forward
+#: MACs per candidate-step (2 cores: MLP 64-100-100-10 at batch 32 is 0.6M and batches 5-10×
+#: faster; small_cnn on 28×28 at 36M and the MNIST CNN at 56M+ batch slower) train one by one.
+CPU_MAX_BATCHED_MACS = 10_000_000
 #: Rows × candidates per batched evaluation chunk (``trainer.accuracy`` uses 2048 rows per model).
 EVAL_ELEMENTS = 8192
 #: Loss kinds whose modules this module knows how to batch.
 BATCHABLE_KINDS = ("cross_entropy", "label_smoothing", "baikal", "taylor")
 
 _warned: set[str] = set()
+_noted: set[str] = set()
+log = logging.getLogger(__name__)
 _model_checks: dict[str, str | None] = {}
 
 
@@ -85,6 +94,13 @@ def _as_dict(spec: dict | str) -> dict:
         return json.loads(spec)
     except json.JSONDecodeError as exc:
         raise LossevoError(f"loss spec is not valid JSON: {exc.msg}") from None
+
+
+def _note_once(message: str) -> None:
+    """Log (info) once per process a deliberate choice not to batch."""
+    if message not in _noted:
+        _noted.add(message)
+        log.info(message)
 
 
 def loss_group(spec: dict) -> str | None:
@@ -361,7 +377,6 @@ def train_population(
 
     def stop_nonfinite() -> None:
         """Record the candidates whose loss went non-finite and drop them."""
-        nonlocal active, bad_step, bad_loss, last_loss
         if bool(active.all()):
             return
         for j, (st, val) in enumerate(zip(bad_step.tolist(), bad_loss.tolist(), strict=True)):
@@ -450,36 +465,50 @@ def train_population(
     return results
 
 
-def candidate_bytes(model_cfg: dict, split: Split, batch_size: int) -> int:
-    """Rough training memory of one candidate: weights ×4 (weights, gradients, momentum, update
-    temporaries) plus activations ×3 (forward, saved for backward, gradients), float32."""
+def candidate_cost(model_cfg: dict, split: Split, batch_size: int) -> tuple[int, int]:
+    """(bytes, MACs) of one candidate's training step, estimated on the meta device.
+
+    Bytes: weights ×4 (weights, gradients, momentum, update temporaries) plus activations ×3
+    (forward, saved for backward, gradients), float32. MACs: forward multiply-accumulates of the
+    linear and convolution layers for one batch.
+    """
     kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
     with torch.device("meta"):
         model = models.build(model_cfg["name"], split.input_shape, split.n_classes, **kwargs)
-        acts = [0]
+        acts, macs = [0], [0]
 
         def count(module, inputs, output):
             if isinstance(output, torch.Tensor) and not list(module.children()):
                 acts[0] += output.numel()
+                if isinstance(module, nn.Linear):
+                    macs[0] += output.numel() * module.in_features
+                elif isinstance(module, nn.modules.conv._ConvNd):
+                    per_out = module.in_channels // module.groups * math.prod(module.kernel_size)
+                    macs[0] += output.numel() * per_out
 
         hooks = [m.register_forward_hook(count) for m in model.modules()]
         model(torch.empty(batch_size, *split.input_shape))
         for h in hooks:
             h.remove()
     n_params = sum(p.numel() for p in model.parameters())
-    return 4 * (4 * n_params + 3 * acts[0])
+    return 4 * (4 * n_params + 3 * acts[0]), macs[0]
 
 
 def _population_cap(model_cfg: dict, split: Split, batch_size: int, device: torch.device,
-                    max_population: int | None) -> int:
-    """Candidates per batched pass: ``max_population``, else the default bounded by memory."""
+                    max_population: int | None, forced: bool) -> int:
+    """Candidates per batched pass: ``max_population``, else the default bounded by memory and,
+    on the CPU (unless ``forced``), 1 for models whose compute, not overhead, dominates a step."""
+    n_bytes, macs = candidate_cost(model_cfg, split, batch_size)
+    if device.type == "cpu" and macs > CPU_MAX_BATCHED_MACS and not forced:
+        _note_once(f"model {model_cfg['name']} is compute-bound on the CPU ({macs / 1e6:.0f}M "
+                   f"MACs a step): training candidates one after another")
+        return 1
     if max_population is not None:
         return max(1, max_population)
     budget = STATE_BUDGET_BYTES
     if device.type == "cuda":
         budget = max(budget, torch.cuda.get_device_properties(device).total_memory // 4)
-    per_candidate = max(1, candidate_bytes(model_cfg, split, batch_size))
-    return max(1, min(DEFAULT_MAX_POPULATION, budget // per_candidate))
+    return max(1, min(DEFAULT_MAX_POPULATION, budget // max(1, n_bytes)))
 
 
 def train_many(
@@ -501,7 +530,8 @@ def train_many(
     Candidates whose losses batch together (:func:`loss_group`) are trained as populations of at
     most ``max_population`` (default :data:`DEFAULT_MAX_POPULATION`, lowered for big models);
     the rest, and everything when the model cannot be batched, one after another.
-    ``batched=False`` forces the sequential trainer; ``True`` or None batch where possible.
+    ``batched=False`` forces the sequential trainer; None (default) batches where possible and
+    worthwhile; ``True`` also batches models :data:`CPU_MAX_BATCHED_MACS` keeps sequential.
     """
     if len(specs) != len(seeds):
         raise ValueError(f"{len(specs)} specs but {len(seeds)} seeds")
@@ -532,12 +562,14 @@ def train_many(
                 _warn_once(reason)
                 solo += [i for g in groups.values() for i in g]
                 groups = {}
+    if any(len(g) > 1 for g in groups.values()):
+        cap = _population_cap(model_cfg, split, recipe["batch_size"], dev, max_population,
+                              forced=batched is True)
     for members in groups.values():
         if len(members) == 1:
             solo += members
             continue
         members = sorted(members, key=lambda i: seeds[i])  # equal seeds share batches
-        cap = _population_cap(model_cfg, split, recipe["batch_size"], dev, max_population)
         for chunk in _chunks(members, cap):
             if len(chunk) == 1:
                 solo += chunk
