@@ -83,7 +83,7 @@ def taylor_inputs(
     if "logit" in variables:
         out["logit"] = logits
     if "t" in variables:
-        out["t"] = torch.as_tensor(progress, dtype=logits.dtype).expand_as(logits)
+        out["t"] = torch.as_tensor(progress, dtype=logits.dtype, device=logits.device).expand_as(logits)
     return out
 
 

@@ -102,15 +102,18 @@ def train(
     result = {"seed": seed, "steps": steps, "status": "ok", "reason": None}
     x, y = split.x_train, split.y_train
     model.train()
+    has_progress = hasattr(loss_fn, "progress")
+    value = math.nan
     for step, idx in enumerate(batch_indices(len(y), recipe["batch_size"], steps, seed)):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, sched)
-        if hasattr(loss_fn, "progress"):
+        if has_progress:
             loss_fn.progress = step / steps
         idx = idx.to(device)
         loss = loss_fn(model(x[idx]), y[idx])
-        if not torch.isfinite(loss):
-            result.update(status="nan", reason=f"loss became {loss.item()} at step {step}",
+        value = loss.item()
+        if not math.isfinite(value):
+            result.update(status="nan", reason=f"loss became {value} at step {step}",
                           steps_done=step, val_accuracy=0.0, test_accuracy=0.0)
             return result
         opt.zero_grad(set_to_none=True)
@@ -125,7 +128,7 @@ def train(
                 )
                 return result
     result["steps_done"] = steps
-    result["final_loss"] = float(loss.item())
+    result["final_loss"] = value
     result["val_accuracy"] = accuracy(model, split.x_val, split.y_val)
     result["test_accuracy"] = accuracy(model, split.x_test, split.y_test) if evaluate_test else None
     return result
