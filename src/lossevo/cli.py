@@ -88,9 +88,12 @@ def cmd_retrain(args) -> None:
     exp = _experiment(args)
     names = exp.loss_names() if args.loss == ["all"] else args.loss
     for name in names:
-        t0 = time.perf_counter()
-        path = retrain.retrain(exp, name)
-        print(f"[retrain {name}] {len(retrain.seeds(exp))} seeds in {time.perf_counter() - t0:.1f}s -> {path}")
+        retrain.resolve_spec(exp, name)  # fail fast, before any training
+    t0 = time.perf_counter()
+    workers = args.workers or min(os.cpu_count() or 1, len(names))
+    for path in retrain.retrain_all(exp, names, workers):
+        print(f"[retrain] {path}")
+    print(f"[retrain] {len(names)} losses x {len(retrain.seeds(exp))} seeds in {time.perf_counter() - t0:.1f}s")
 
 
 def cmd_stats(args) -> None:
@@ -140,6 +143,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("-s", "--search", required=True)
     r = add("retrain", cmd_retrain, "retrain losses from scratch over the retraining seeds")
     r.add_argument("-l", "--loss", nargs="+", default=["all"], help="loss names (default: all)")
+    r.add_argument("--workers", type=int, default=0, help="parallel workers (default: min(cores, losses))")
     add("stats", cmd_stats, "one-tailed Welch t-tests against the baseline loss")
     add("report", cmd_report, "figures, Markdown report and metrics.json")
     return p

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from lossevo import data as data_mod
+from lossevo import parallel
 from lossevo.config import Experiment
 from lossevo.errors import LossevoError
 from lossevo.io import read_json, write_json
@@ -56,3 +57,9 @@ def retrain(exp: Experiment, loss: str, device=None) -> Path:
         "test_accuracy": [float(r["test_accuracy"] or 0.0) for r in results],
         "val_accuracy": [float(r["val_accuracy"] or 0.0) for r in results],
     })
+
+
+def retrain_all(exp: Experiment, names: list[str], workers: int = 1) -> list[Path]:
+    """Retrain several losses, one per worker process at a time (``exp.threads`` threads each)."""
+    with parallel.runner(min(workers, len(names)), exp.threads) as pool:
+        return pool.map(retrain, [(exp, name) for name in names])

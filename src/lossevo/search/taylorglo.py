@@ -11,7 +11,6 @@ calls in a loop: :func:`step` (tell generation g−1, ask g), :func:`evaluate_sh
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lossevo import data as data_mod
+from lossevo import parallel
 from lossevo.config import Experiment
 from lossevo.errors import LossevoError
 from lossevo.io import read_json, write_bytes, write_json, write_text
@@ -271,18 +271,13 @@ def run(exp: Experiment, name: str, workers: int = 1, log=sys.stderr) -> dict:
         print(f"[{name}] complete: {best_path}", file=log)
         return read_json(best_path)
     t0 = time.perf_counter()
-    with _pool(exp, min(workers, scfg["shards"])) as pool:
+    with parallel.runner(min(workers, scfg["shards"]), exp.threads) as pool:
         for g in range(scfg["generations"]):
             if fresh or not state.candidates_path(root, g).exists():
                 step(exp, name, g)
                 fresh = False
             pending = [s for s in range(scfg["shards"]) if not state.shard_path(root, g, s).exists()]
-            jobs = [(exp, name, g, s) for s in pending]
-            if pool is None:
-                for job in jobs:
-                    evaluate_shard(*job)
-            else:
-                pool.map(_shard_job, jobs)
+            pool.map(evaluate_shard, [(exp, name, g, s) for s in pending])
             if g > 0:
                 s = read_json(state.summary_path(root, g - 1))
                 print(f"[{name}] gen {g - 1:3d}: best {s['best_fitness']:.4f} mean {s['mean_fitness']:.4f} "
@@ -294,25 +289,3 @@ def run(exp: Experiment, name: str, workers: int = 1, log=sys.stderr) -> dict:
           f"mean {s['mean_fitness']:.4f}; picked {best['picked_by']} "
           f"({time.perf_counter() - t0:.0f}s)", file=log, flush=True)
     return best
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _shard_job(args: tuple) -> None:
-    evaluate_shard(*args)
-
-
-@contextlib.contextmanager
-def _pool(exp: Experiment, workers: int):
-    """A spawn pool of ``workers`` processes (None for in-process), started once per search."""
-    if workers <= 1:
-        yield None
-        return
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(exp.threads,)) as pool:
-        yield pool
