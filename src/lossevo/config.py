@@ -17,6 +17,7 @@ import yaml
 
 from lossevo import losses
 from lossevo.errors import LossevoError
+from lossevo.losses import taylor
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -110,8 +111,6 @@ def _check_experiment(name: str, exp: dict, source: str) -> None:
         if s["shards"] > s["popsize"]:
             raise LossevoError(f"{where}.search.{sname}.shards: {s['shards']} exceeds popsize {s['popsize']}")
         try:
-            from lossevo.losses import taylor
-
             taylor.layout(s["order"], s["variables"])
         except LossevoError as exc:
             raise LossevoError(f"{where}.search.{sname}: {exc}") from None
