@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     device = trainer.resolve_device(args.device)
     # Many short interleaved repetitions: medians shrug off a busy neighbour's bursts.
     steps, reps = (40, 3) if args.quick else (100, 7)
-    trainer_steps, trainer_reps = (200, 5) if args.quick else (300, 15)
+    trainer_steps, trainer_reps = (200, 5) if args.quick else (1000, 9)
     sizes = (8, 16, 32)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs; {steps} steps, {reps} repetitions (medians)", flush=True)

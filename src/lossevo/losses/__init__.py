@@ -4,7 +4,7 @@ Kinds: ``cross_entropy``; ``label_smoothing`` (alpha); ``baikal`` (GLO's
 -(1/n) sum_i (log y_i - x_i / y_i)); ``taylor`` (TaylorGLO, see :mod:`lossevo.losses.taylor`).
 Every module is called as ``loss(logits, targets)`` with integer class targets and returns a
 scalar, the mean over the batch, so it drops into any PyTorch training loop. Losses that use
-training progress read ``loss.progress`` (0..1), which the trainer sets each step.
+training progress (``uses_progress``) read ``loss.progress`` (0..1), which the trainer sets each step.
 """
 
 from __future__ import annotations
@@ -124,6 +124,8 @@ class Taylor(nn.Module):
         self.register_buffer("coefs", torch.tensor(coefs, dtype=torch.float32))
         self.class_reduction = class_reduction
         self.progress = 0.0
+        #: Whether the loss reads ``progress`` (the trainer only updates it then).
+        self.uses_progress = "t" in self.layout.variables
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return taylor_loss(

@@ -102,7 +102,7 @@ def train(
     result = {"seed": seed, "steps": steps, "status": "ok", "reason": None}
     x, y = split.x_train, split.y_train
     model.train()
-    has_progress = hasattr(loss_fn, "progress")
+    has_progress = getattr(loss_fn, "uses_progress", False)
     value = math.nan
     for step, idx in enumerate(batch_indices(len(y), recipe["batch_size"], steps, seed)):
         for group in opt.param_groups:
