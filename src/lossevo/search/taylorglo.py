@@ -11,6 +11,7 @@ calls in a loop: :func:`step` (tell generation g−1, ask g), :func:`evaluate_sh
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -67,13 +68,26 @@ def new_optimizer(scfg: dict):
     return cma.CMAEvolutionStrategy(np.zeros(dimension(scfg)), scfg["sigma"], opts)
 
 
+@functools.cache
+def code_digest() -> str:
+    """Hash of the library code a search's numbers depend on (everything but the report)."""
+    pkg = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        if not rel.startswith("report/"):
+            h.update(rel.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def fingerprint(exp: Experiment, name: str) -> dict:
-    """Everything a search's results depend on; a mismatch means its old state is stale."""
+    """Everything a search's results depend on (settings and code); a mismatch means stale state."""
     cfg = exp.cfg
     keys = {"search": cfg["search"][name], "data": cfg["data"], "model": cfg["model"],
             "training": cfg["training"]}
-    digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
-    return {"experiment": exp.name, "search": name, "digest": digest, "settings": keys}
+    digest = hashlib.sha256(json.dumps([keys, code_digest()], sort_keys=True).encode()).hexdigest()[:16]
+    return {"experiment": exp.name, "search": name, "digest": digest, "settings": keys,
+            "code": code_digest()}
 
 
 def _check_fingerprint(exp: Experiment, name: str, root: Path) -> None:
