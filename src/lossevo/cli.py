@@ -111,7 +111,8 @@ def cmd_report(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lossevo", description=__doc__.splitlines()[0])
+    p = _Parser(prog="lossevo", description="Loss-function metalearning, one subcommand per pipeline stage "
+                "(data, TaylorGLO search, retraining, Welch t-tests, report). Parameters: params.yaml.")
     p.add_argument("--version", action="version", version=f"lossevo {__version__}")
     common = _Parser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
