@@ -93,12 +93,8 @@ def fingerprint(exp: Experiment, name: str) -> dict:
 def _check_fingerprint(exp: Experiment, name: str, root: Path) -> None:
     path = root / "search.json"
     if not path.exists() or read_json(path)["digest"] != fingerprint(exp, name)["digest"]:
-        raise LossevoError(f"{root}: search state is missing or was made with other settings "
+        raise LossevoError(f"{root}: search state is missing or was made with other settings or code "
                            f"(run generation 0's step first)")
-
-
-def _n_classes(exp: Experiment) -> int:
-    return data_mod.load_prepared(exp.data_path).n_classes
 
 
 def step(exp: Experiment, name: str, g: int) -> Path:
@@ -111,7 +107,7 @@ def step(exp: Experiment, name: str, g: int) -> Path:
         fp = fingerprint(exp, name)
         old = root / "search.json"
         if root.exists() and (not old.exists() or read_json(old)["digest"] != fp["digest"]):
-            shutil.rmtree(root)  # stale state from other settings: start afresh
+            shutil.rmtree(root)  # stale state (other settings or code): start afresh
         write_json(root / "search.json", fp)
         es = new_optimizer(scfg)
     else:
@@ -119,7 +115,8 @@ def step(exp: Experiment, name: str, g: int) -> Path:
         es = _tell(exp, name, g - 1)
     thetas = es.ask()
     write_bytes(state.optimizer_path(root, g), pickle.dumps(es))
-    n_classes = _n_classes(exp)
+    # The invariant needs the number of classes; read the prepared data only then (it can be large).
+    n_classes = data_mod.load_prepared(exp.data_path).n_classes if scfg["invariant"] else None
     cands = []
     for i, th in enumerate(thetas):
         ok = taylor.invariant_holds(list(th), n_classes, scfg["convention"]) if scfg["invariant"] else True
