@@ -18,7 +18,7 @@ from lossevo.errors import LossevoError
 from lossevo.evaluate import stats
 from lossevo.io import read_json
 from lossevo.report import figures
-from lossevo.search import taylorglo
+from lossevo.search import engine
 
 ALPHA = 0.1
 
@@ -56,7 +56,7 @@ def built(tmp_path_factory):
     exp = config.experiment(config.validate(_params(tmp_path_factory.mktemp("results"))))
     data.save(data.load(exp.cfg["data"]), exp.data_path)
     for name in exp.cfg["search"]:
-        taylorglo.run(exp, name, log=io.StringIO())
+        engine.run(exp, name, log=io.StringIO())
     for loss in exp.loss_names():
         retrain.retrain(exp, loss)
     stats.write(exp)

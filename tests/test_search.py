@@ -12,7 +12,7 @@ import yaml
 from conftest import lossevo_cmd, tiny_params
 
 from lossevo import config, data
-from lossevo.search import evaluate, state, taylorglo
+from lossevo.search import engine, evaluate, state
 
 CHANCE_THETA = [0.0] * 8  # zero loss, zero gradient: the net stays at its initial (chance) accuracy
 NAN_THETA = [0.0, 0.0, 1e30, 1e30, 1e30, 1e30, 1e30, 1e30]  # overflows to inf/NaN at once
@@ -50,12 +50,13 @@ def test_search_with_misbehaving_candidates_completes(tmp_path):
     params = config.validate(tiny_params(tmp_path / "results", abort={"epoch": 2, "min_accuracy": 0.3}))
     exp = config.experiment(params)
     data.save(data.load(exp.cfg["data"]), exp.data_path)
-    taylorglo.step(exp, "tg", 0)
+    engine.step(exp, "tg", 0)
     cpath = state.candidates_path(exp.search_dir("tg"), 0)
     gen = json.loads(cpath.read_text())
-    gen["candidates"][0]["theta"], gen["candidates"][1]["theta"] = NAN_THETA, CHANCE_THETA
+    for cand, theta in zip(gen["candidates"], [NAN_THETA, CHANCE_THETA]):
+        cand.update(genome=theta, spec=_spec(theta))
     cpath.write_text(json.dumps(gen))
-    best = taylorglo.run(exp, "tg")
+    best = engine.run(exp, "tg")
     root = exp.search_dir("tg")
     first = state.load_results(root, 0, 2)
     assert first[0]["status"] == "nan" and first[1]["status"] == "failed" and len(first[1]["attempts"]) == 3

@@ -52,33 +52,33 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from lossevo.search import taylorglo
+    from lossevo.search import engine
 
     exp = _experiment(args)
     for name in args.search or list(exp.cfg["search"]):
         workers = args.workers or min(os.cpu_count() or 1, exp.search_cfg(name)["shards"])
-        best = taylorglo.run(exp, name, workers=workers)
+        best = engine.run(exp, name, workers=workers)
         print(f"[search {name}] picked by {best['picked_by']} -> {exp.search_dir(name) / 'best.json'}")
 
 
 def cmd_search_step(args) -> None:
-    from lossevo.search import taylorglo
+    from lossevo.search import engine
 
-    print(f"[search {args.search}] step -> {taylorglo.step(_experiment(args), args.search, args.generation)}")
+    print(f"[search {args.search}] step -> {engine.step(_experiment(args), args.search, args.generation)}")
 
 
 def cmd_search_shard(args) -> None:
-    from lossevo.search import taylorglo
+    from lossevo.search import engine
 
-    path = taylorglo.evaluate_shard(_experiment(args), args.search, args.generation, args.shard)
+    path = engine.evaluate_shard(_experiment(args), args.search, args.generation, args.shard)
     print(f"[search {args.search}] shard -> {path}")
 
 
 def cmd_search_finalize(args) -> None:
-    from lossevo.search import taylorglo
+    from lossevo.search import engine
 
     exp = _experiment(args)
-    best = taylorglo.finalize(exp, args.search)
+    best = engine.finalize(exp, args.search)
     print(f"[search {args.search}] picked by {best['picked_by']}: {best['spec']}")
 
 
@@ -112,7 +112,7 @@ def cmd_report(args) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lossevo", description="Loss-function metalearning, one subcommand per pipeline stage "
-                "(data, TaylorGLO search, retraining, Welch t-tests, report). Parameters: params.yaml.")
+                "(data, GLO and TaylorGLO searches, retraining, Welch t-tests, report). Parameters: params.yaml.")
     p.add_argument("--version", action="version", version=f"lossevo {__version__}")
     common = _Parser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")

@@ -4,7 +4,7 @@ import sys
 from lossevo import config as lossevo_config
 from lossevo.errors import LossevoError
 from lossevo.search import state as search_state
-from lossevo.search.taylorglo import fingerprint
+from lossevo.search.engine import fingerprint, generations
 
 # The stages read the parameter file themselves, so the workflow validates that same file:
 # params.yaml, or the last --configfile given (e.g. `--configfile other.yaml`).

@@ -41,9 +41,9 @@ rule search_shard:
 rule search_finalize:
     input:
         lambda wc: [
-            search_file(wc.search, SEARCHES[wc.search]["generations"] - 1, "candidates.json")
+            search_file(wc.search, generations(SEARCHES[wc.search]) - 1, "candidates.json")
         ]
-        + shard_files(wc.search, SEARCHES[wc.search]["generations"] - 1),
+        + shard_files(wc.search, generations(SEARCHES[wc.search]) - 1),
     output:
         best=f"{ROOT}/search/{{search}}/best.json",
         progress=f"{ROOT}/search/{{search}}/progress.csv",

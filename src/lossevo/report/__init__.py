@@ -18,6 +18,7 @@ from lossevo.config import Experiment
 from lossevo.errors import LossevoError
 from lossevo.io import read_json, write_json, write_text
 from lossevo.report import figures
+from lossevo.search import engine
 
 CE_SPEC = {"kind": "cross_entropy"}
 
@@ -73,17 +74,15 @@ def welch_table(exp: Experiment, records: dict[str, dict]):
 
 def search_info(exp: Experiment, name: str, records: dict[str, dict]) -> dict:
     """Totals, picks and curves of one search, checked against the current settings."""
-    from lossevo.search import taylorglo
-
     scfg = exp.search_cfg(name)
     root = exp.search_dir(name)
     fp = _read(root / "search.json", f"lossevo search -s {name}")
-    if fp["digest"] != taylorglo.fingerprint(exp, name)["digest"]:
+    if fp["digest"] != engine.fingerprint(exp, name)["digest"]:
         raise LossevoError(f"{root}: search results were made with other settings "
                            f"(rerun `lossevo search -s {name}`)")
     best = _read(root / "best.json", f"lossevo search -s {name}")
-    summaries = figures.generation_summaries(root, scfg["generations"])
-    points = figures.candidate_points(root, scfg["generations"], scfg["shards"])
+    summaries = figures.generation_summaries(root, engine.generations(scfg))
+    points = figures.candidate_points(root, engine.generations(scfg), scfg["shards"])
     paper = best["paper_pick"]
     sel = best.get("final_selection")
     chosen = sel["chosen"] if sel else paper
@@ -124,7 +123,7 @@ def search_info(exp: Experiment, name: str, records: dict[str, dict]) -> dict:
 
 def _pick(c: dict) -> dict:
     return {"generation": c["generation"], "index": c["index"], "fitness": float(c["fitness"]),
-            "theta": [float(t) for t in c["theta"]]}
+            "spec": c["spec"]}
 
 
 def split_summary(exp: Experiment) -> dict:
@@ -176,8 +175,6 @@ def metrics(records: dict[str, dict], welch, searches: dict[str, dict]) -> dict:
 
 def draw(exp: Experiment, records: dict, searches: dict, n_classes: int) -> dict[str, Path]:
     """Write every figure under report/figures; return {key: path}. Stale PNGs are removed."""
-    from lossevo.search.taylorglo import spec_from_theta
-
     fdir = exp.report_dir / "figures"
     out: dict[str, Path] = {}
     for name, info in searches.items():
@@ -191,7 +188,7 @@ def draw(exp: Experiment, records: dict, searches: dict, n_classes: int) -> dict
         out[f"search:{name}"] = figures.plot_search(
             curve, fdir / f"search_{name}.png", f"Search {name}", n_classes, picks)
         gen_curves = [
-            tuple(figures.shape_curve(spec_from_theta(info["settings"], s["best_theta"]), n)
+            tuple(figures.shape_curve(s["best_spec"], n)
                   for n in (2, n_classes))
             for s in info["summaries"]
         ]
@@ -221,6 +218,13 @@ def _fmt(x, spec: str = ".4f") -> str:
 
 def _theta(theta: list[float]) -> str:
     return "[" + ", ".join(f"{t:.3g}" for t in theta) + "]"
+
+
+def _loss_text(spec: dict) -> str:
+    """A searched loss in a table cell: θ for a Taylor loss, else its short description."""
+    from lossevo.losses import describe
+
+    return _theta(spec["theta"]) if spec["kind"] == "taylor" else describe(spec)
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -279,9 +283,9 @@ def _search_section(searches: dict, records: dict, welch, n_classes: int) -> lis
         "failed (aborted / NaN)": [], "retried": [], "evaluations (trained candidates)": [],
         "trainings incl. retries": [], "final-selection trainings (full length)": [],
         "best partial-training val. accuracy": [], "paper's pick: gen/idx, partial val.": [],
-        "paper's pick: full-length val. mean": [], "paper's pick: θ": [],
+        "paper's pick: full-length val. mean": [], "paper's pick: loss": [],
         "final-selection pick: gen/idx, partial val.": [],
-        "final-selection pick: full-length val. mean": [], "final-selection pick: θ": [],
+        "final-selection pick: full-length val. mean": [], "final-selection pick: loss": [],
         "retrained loss (picked by)": [], "retrained test accuracy, mean (std)": [],
         "p vs baseline": [],
     }
@@ -290,7 +294,7 @@ def _search_section(searches: dict, records: dict, welch, n_classes: int) -> lis
         rows["popsize × generations"].append(f"{s['popsize']} × {s['generations']}")
         rows["total candidates"].append(info["candidates"])
         rows["rejected by the invariant"].append(
-            info["rejected"] if s["invariant"] else f"{info['rejected']} (invariant off)")
+            info["rejected"] if s.get("invariant") else f"{info['rejected']} (invariant off)")
         rows["failed (aborted / NaN)"].append(info["failed"])
         rows["retried"].append(info["retried"])
         rows["evaluations (trained candidates)"].append(info["evaluated"])
@@ -301,16 +305,16 @@ def _search_section(searches: dict, records: dict, welch, n_classes: int) -> lis
         rows["paper's pick: gen/idx, partial val."].append(
             f"{pp['generation']}/{pp['index']}, {pp['fitness']:.4f}")
         rows["paper's pick: full-length val. mean"].append(_fmt(pp["full_val_mean"]))
-        rows["paper's pick: θ"].append(_theta(pp["theta"]))
+        rows["paper's pick: loss"].append(_loss_text(pp["spec"]))
         if fp:
             rows["final-selection pick: gen/idx, partial val."].append(
                 f"{fp['generation']}/{fp['index']}, {fp['fitness']:.4f}")
             rows["final-selection pick: full-length val. mean"].append(_fmt(fp["full_val_mean"]))
-            rows["final-selection pick: θ"].append(
-                "same as the paper's pick" if fp["theta"] == pp["theta"] else _theta(fp["theta"]))
+            rows["final-selection pick: loss"].append(
+                "same as the paper's pick" if fp["spec"] == pp["spec"] else _loss_text(fp["spec"]))
         else:
             for k in ("final-selection pick: gen/idx, partial val.",
-                      "final-selection pick: full-length val. mean", "final-selection pick: θ"):
+                      "final-selection pick: full-length val. mean", "final-selection pick: loss"):
                 rows[k].append("– (off)")
         names = [n for n in info["retrained"] if n in records]
         rows["retrained loss (picked by)"].append(
@@ -335,11 +339,11 @@ def _caveats(exp: Experiment, split: dict, records: dict, welch, searches: dict,
     out = []
     n = sorted({len(r["seeds"]) for r in records.values()})
     seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}–{n[-1]}"
-    cma = ", ".join(f"{k}: {v['settings']['seed']}" for k, v in searches.items())
+    seeds_used = ", ".join(f"{k}: {v['settings']['seed']}" for k, v in searches.items())
     out.append(
         f"The t-tests cover training-seed variance only: {seeds} seeds per loss on one fixed "
         f"split (split_seed {cfg['data'].get('split_seed', 0)}, {split['test']} test examples). "
-        + (f"Each search ran once (CMA-ES seed {cma}), so search-to-search variance is not in "
+        + (f"Each search ran once (search seed {seeds_used}), so search-to-search variance is not in "
            f"the p-values." if searches else ""))
     others = welch[welch["loss"] != baseline]
     if len(others):
@@ -372,12 +376,12 @@ def _caveats(exp: Experiment, split: dict, records: dict, welch, searches: dict,
         if info["failed"]:
             text += (f" {info['failed']} of {info['evaluated']} trained candidates failed "
                      f"(aborted or NaN) and keep their last measured accuracy as fitness.")
-        if info["settings"]["invariant"]:
+        if info["settings"].get("invariant"):
             text += (f" {info['rejected']} of {info['candidates']} candidates "
                      f"({100 * info['rejected'] / max(1, info['candidates']):.0f}%) were rejected "
                      f"by the invariant without training (fitness 0 for CMA-ES).")
         fp = info["final_pick"]
-        if fp and fp["theta"] != info["paper_pick"]["theta"]:
+        if fp and fp["spec"] != info["paper_pick"]["spec"]:
             text += (f" The final selection ({info['final_trainings']} extra full-length "
                      f"trainings, scored on validation data only) replaced the paper's pick "
                      f"(full-length val. {_fmt(info['paper_pick']['full_val_mean'])}) by gen "
@@ -457,7 +461,7 @@ def plot_tables(exp: Experiment, records: dict, searches: dict) -> None:
     """Long-format CSVs that ``dvc plots`` draws: search progress and accuracy per seed."""
     rows = ["search,generation,best_fitness,mean_fitness"]
     for name in searches:
-        for s in figures.generation_summaries(exp.search_dir(name), exp.search_cfg(name)["generations"]):
+        for s in figures.generation_summaries(exp.search_dir(name), engine.generations(exp.search_cfg(name))):
             rows.append(f"{name},{s['generation']},{s['best_fitness']:.6g},{s['mean_fitness']:.6g}")
     write_text(exp.root / "plots" / "search_progress.csv", "\n".join(rows) + "\n")
     rows = ["loss,seed,test_accuracy"]

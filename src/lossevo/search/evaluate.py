@@ -28,6 +28,23 @@ def rejected(index: int, reason: str) -> dict:
     return {"index": index, "fitness": 0.0, "status": "rejected", "reason": reason, "attempts": []}
 
 
+def untrained(cand: dict) -> dict:
+    """Record for a candidate whose fitness is known without training it in this generation:
+    ``rejected`` (fitness 0), ``cached`` (an equivalent loss was trained before) or ``duplicate``
+    (an equal candidate of this generation trains; its fitness is copied when results are read)."""
+    status = cand["status"]
+    if status == "rejected":
+        return rejected(cand["index"], cand["reason"])
+    if status == "cached":
+        return {"index": cand["index"], "fitness": float(cand["fitness"]), "status": "cached",
+                "reason": cand.get("reason"), "attempts": []}
+    if status == "duplicate":
+        return {"index": cand["index"], "fitness": None, "status": "duplicate",
+                "reason": f"same loss as candidate {cand['same_as']}", "same_as": cand["same_as"],
+                "attempts": []}
+    raise ValueError(f"candidate status {status!r} is not one the engine knows")
+
+
 def evaluate(
     indexed_specs: list[tuple[int, dict]],
     split: Split,

@@ -45,11 +45,18 @@ def shard_indices(popsize: int, shards: int, s: int) -> list[int]:
 
 
 def load_results(root: Path, g: int, shards: int) -> list[dict]:
-    """All evaluations of generation ``g``, in candidate order; a missing shard is an error."""
+    """All evaluations of generation ``g``, in candidate order; a missing shard is an error.
+
+    A ``duplicate`` record gets the fitness of the candidate it repeats (possibly in another shard).
+    """
     out = []
     for s in range(shards):
         path = shard_path(root, g, s)
         if not path.exists():
             raise LossevoError(f"{path}: shard results missing (evaluate generation {g} shard {s} first)")
         out.extend(read_json(path)["results"])
-    return sorted(out, key=lambda r: r["index"])
+    out.sort(key=lambda r: r["index"])
+    for r in out:
+        if r["status"] == "duplicate":
+            r["fitness"] = out[r["same_as"]]["fitness"]
+    return out
