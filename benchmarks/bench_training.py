@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_training.py            # a few minutes on 2 CPU cores
     .venv/bin/python benchmarks/bench_training.py --quick    # well under a minute
+    .venv/bin/python benchmarks/bench_training.py --trees    # only the GLO-tree row, ~15 s
 
 Every pair is measured side by side in one process, interleaved (alternating which side goes
 first), over several repetitions; the table shows medians and the ratio of the medians.
@@ -11,6 +12,8 @@ first), over several repetitions; the table shows medians and the ratio of the m
    SGD lr 0.1, batch 32, Taylor losses (order 3 over x, y) with θ ~ N(0, 0.3), one seed.
    Throughput is candidate-steps per second, model building and the final validation pass
    included (``evaluate_test=False``, as in a search).
+   Also a generation of GLO trees: the 16 different fixed trees of :data:`TREES` (3-9 nodes,
+   Baikal-like and random-looking), one population pass vs one after another.
 2. ``trainer.train`` vs a minimal hand-written PyTorch loop on the same model, loss and batches.
 3. (not with ``--quick``; ``--threads`` forces it) local parallelism for the tiny model: two
    1-thread worker processes (spawn pool, as the search driver uses) vs one 2-thread process,
@@ -37,6 +40,15 @@ DIGITS = {"dataset": "digits", "train_fraction": 0.1, "val_size": 297, "test_siz
           "split_seed": 0}
 MLP = {"name": "mlp", "hidden": [100, 100]}
 RECIPE = {"lr": 0.1, "batch_size": 32, "steps": 1000}
+#: A generation of 16 different, valid GLO trees (3-9 nodes): Baikal, cross-entropy-like and
+#: random-looking ones, as a GLO search would evaluate them.
+TREES = (
+    "sub(log(y), div(x, y))", "mul(x, log(y))", "sub(log(y), div(x, sqrt(y)))",
+    "mul(add(x, 1), log(y))", "sub(mul(x, log(y)), square(y))", "div(mul(x, log(y)), add(y, 1))",
+    "sub(mul(x, y), square(y))", "sub(sqrt(y), div(x, y))", "mul(x, sqrt(y))", "log(add(y, x))",
+    "sub(mul(x, log(y)), mul(y, log(y)))", "div(x, sub(2, y))", "mul(x, y)",
+    "sub(x, square(sub(x, y)))", "mul(x, log(mul(y, y)))", "sub(mul(x, log(y)), sqrt(y))",
+)
 
 
 def taylor_specs(n: int, seed: int = 0, scale: float = 0.3) -> list[dict]:
@@ -107,6 +119,28 @@ def bench_population(name, model_cfg, split, recipe, sizes, steps, reps, device,
         rows.append((name, f"P={p}", "batched", rb, "one after another", rs, rb / rs))
         print(f"  {name} P={p}: batched {rb:9.0f}  sequential {rs:8.0f} cand-steps/s  "
               f"x{rb / rs:.2f}", flush=True)
+
+
+def bench_trees(name, model_cfg, split, recipe, steps, reps, device, rows) -> None:
+    """One generation of 16 different trees: batched (one population) vs one after another."""
+    specs, seeds = [{"kind": "tree", "expr": e} for e in TREES], [0] * len(TREES)
+    p = len(specs)
+
+    def batched():
+        population.train_many(model_cfg, split, specs, recipe, seeds, steps=steps, device=device,
+                              evaluate_test=False, max_population=p, batched=True)
+
+    def sequential():
+        population.train_many(model_cfg, split, specs, recipe, seeds, steps=steps, device=device,
+                              evaluate_test=False, batched=False)
+
+    tb, ts = interleaved(batched, sequential, reps, device)
+    rb, rs = p * steps / statistics.median(tb), p * steps / statistics.median(ts)
+    rows.append((name, f"{p} trees", "batched", rb, "one after another", rs, rb / rs))
+    spread = [p * steps / t for t in tb], [p * steps / t for t in ts]
+    print(f"  {name} {p} different trees: batched {rb:9.0f}  sequential {rs:8.0f} cand-steps/s  "
+          f"x{rb / rs:.2f}  (ranges {min(spread[0]):.0f}-{max(spread[0]):.0f} and "
+          f"{min(spread[1]):.0f}-{max(spread[1]):.0f})", flush=True)
 
 
 def bench_trainer(name, model_cfg, split, recipe, steps, reps, device, rows) -> None:
@@ -195,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
     ap.add_argument("--threads", action="store_true", help="run the thread comparison")
     ap.add_argument("--no-threads", action="store_true", help="skip the thread comparison")
+    ap.add_argument("--trees", action="store_true", help="only the GLO-tree generation row")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     args = ap.parse_args(argv)
     device = trainer.resolve_device(args.device)
@@ -214,11 +249,17 @@ def main(argv: list[str] | None = None) -> None:
                       device=device, evaluate_test=False)
 
     warm(MLP, split, RECIPE)
-    print("population (digits MLP):", flush=True)
-    bench_population("digits MLP", MLP, split, RECIPE, sizes, steps, reps, device, rows)
-    print("single trainer (digits MLP):", flush=True)
-    bench_trainer("digits MLP", MLP, split, RECIPE, trainer_steps, trainer_reps, device, rows)
-    if device.type == "cuda":
+    population.train_many(MLP, split, [{"kind": "tree", "expr": e} for e in TREES], RECIPE,
+                          [0] * len(TREES), steps=5, device=device, evaluate_test=False)
+    if not args.trees:
+        print("population (digits MLP):", flush=True)
+        bench_population("digits MLP", MLP, split, RECIPE, sizes, steps, reps, device, rows)
+    print("population of GLO trees (digits MLP):", flush=True)
+    bench_trees("digits MLP", MLP, split, RECIPE, steps, reps, device, rows)
+    if not args.trees:
+        print("single trainer (digits MLP):", flush=True)
+        bench_trainer("digits MLP", MLP, split, RECIPE, trainer_steps, trainer_reps, device, rows)
+    if device.type == "cuda" and not args.trees:
         cnn, cnn_split = {"name": "mnist_basic_cnn"}, random_mnist(2000, 1000, device)
         cnn_recipe = {"lr": 0.01, "batch_size": 100, "steps": 1000, "momentum": 0.9}
         warm(cnn, cnn_split, cnn_recipe)
@@ -226,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         bench_population("MNIST CNN", cnn, cnn_split, cnn_recipe, sizes, steps // 2, reps,
                          device, rows)
         bench_trainer("MNIST CNN", cnn, cnn_split, cnn_recipe, steps, reps, device, rows)
-    if (args.threads or not args.quick) and not args.no_threads:
+    if (args.threads or not args.quick) and not args.no_threads and not args.trees:
         print("local parallelism (digits MLP, two shards):", flush=True)
         bench_threads(16, 2 * steps, 5, rows)
 

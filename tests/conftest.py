@@ -12,8 +12,15 @@ import yaml
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+#: A seconds-long GLO search: 3 tree generations, then 2 coefficient generations.
+GLO_SEARCH = {"method": "glo", "popsize": 10, "generations": 3, "partial_steps": 20, "shards": 2,
+              "elites": 2, "init_require_leaves": True, "coefficients": {"popsize": 4, "generations": 2},
+              "final_selection": {"top_k": 2, "seeds": 1}}
+
+
 def tiny_params(results: Path, **search_overrides) -> dict:
-    """Seconds-long experiment: 2 searches (one with the invariant), 3 retraining seeds."""
+    """Seconds-long experiment: 2 TaylorGLO searches (one with the invariant) and a GLO search,
+    3 retraining seeds."""
     search = {"method": "taylorglo", "popsize": 4, "generations": 3, "partial_steps": 20,
               "shards": 2, "final_selection": {"top_k": 2, "seeds": 1}}
     search.update(search_overrides)
@@ -25,7 +32,8 @@ def tiny_params(results: Path, **search_overrides) -> dict:
                 "data": {"dataset": "digits", "train_fraction": 0.1, "val_size": 297, "test_size": 500},
                 "model": {"name": "mlp", "hidden": [32]},
                 "training": {"lr": 0.1, "batch_size": 32, "steps": 60},
-                "search": {"tg": dict(search), "tgi": dict(search, invariant=True, generations=2)},
+                "search": {"tg": dict(search), "tgi": dict(search, invariant=True, generations=2),
+                           "gl": dict(GLO_SEARCH)},
                 "retrain": {
                     "seeds": 3,
                     "losses": {
@@ -34,6 +42,7 @@ def tiny_params(results: Path, **search_overrides) -> dict:
                         "baikal": {"kind": "baikal"},
                         "tg": {"search": "tg"},
                         "tgi": {"search": "tgi"},
+                        "gl": {"search": "gl"},
                     },
                 },
             }

@@ -210,3 +210,90 @@ def test_compute_bound_model_on_cpu_trains_one_by_one(split, monkeypatch, caplog
     assert_same(forced, auto, len(split.y_val))
     cost = population.candidate_cost(MODEL, split, 32)
     assert cost[1] == 32 * (64 * 64 + 64 * 10)
+
+
+# --------------------------------------------------------------------------- GLO trees
+
+TREES = ["sub(log(y), div(x, y))", "mul(x, log(y))", "sub(mul(x, log(y)), square(y))",
+         "add(mul(x, log(y)), sqrt(y))", "mul(add(x, 1), log(y))", "div(mul(x, log(y)), add(y, 1))",
+         "sub(mul(2, mul(x, y)), mul(y, y))", "sub(mul(x, sqrt(y)), square(y))"]
+
+
+def spy_populations(monkeypatch) -> list[int]:
+    """Record the size of every batched population ``train_many`` trains."""
+    sizes: list[int] = []
+    real = population.train_population
+
+    def spy(model_cfg, split, loss_fns, *args, **kw):
+        sizes.append(len(loss_fns))
+        return real(model_cfg, split, loss_fns, *args, **kw)
+
+    monkeypatch.setattr(population, "train_population", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("seeds", [[5] * 8, [1, 2, 3, 4, 1, 2, 3, 4]], ids=["shared-seed", "own-seeds"])
+def test_different_trees_batch_and_match_one_by_one(split, seeds, monkeypatch, record_property):
+    specs = [{"kind": "tree", "expr": e} for e in TREES]
+    sizes = spy_populations(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batched = population.train_many(MODEL, split, specs, RECIPE, seeds, steps=30)
+    assert sizes == [8]  # one population of 8 different trees
+    ref = population.train_many(MODEL, split, specs, RECIPE, seeds, steps=30, batched=False)
+    acc_diff, loss_diff = largest_differences(batched, ref)
+    print(f"\n8 trees: largest |Δ val accuracy| = {acc_diff:.3g}, largest |Δ final loss| = {loss_diff:.3g}")
+    record_property("max_val_accuracy_diff", acc_diff)
+    record_property("max_final_loss_diff", loss_diff)
+    assert [b["status"] for b in batched] == [r["status"] for r in ref] == ["ok"] * 8
+    assert acc_diff <= 1 / len(split.y_val) + 1e-12 and loss_diff <= 1e-5
+    assert_same(batched, ref, len(split.y_val))
+    assert len({r["final_loss"] for r in ref}) == 8  # the candidates really differ
+
+
+def test_nan_tree_leaves_the_other_trees_alone(split, monkeypatch, record_property):
+    leaves = ["x", "y", "logit", "1", "-1"]
+    good = [{"kind": "tree", "expr": e, "leaves": leaves}
+            for e in TREES[:3] + ["sub(mul(x, log(y)), mul(logit, logit))"]]
+    late = {"kind": "tree", "expr": "add(mul(x, log(y)), log(add(logit, 3)))", "leaves": leaves}
+    early = {"kind": "tree", "expr": "log(sub(x, 1))", "leaves": leaves}  # log(0), log(-1)
+    specs = good[:2] + [late] + good[2:] + [early]
+    seeds = [0, 1, 2, 0, 1, 2]
+    sizes = spy_populations(monkeypatch)
+    batched = population.train_many(MODEL, split, specs, RECIPE, seeds, steps=30)
+    assert sizes == [6]
+    ref = population.train_many(MODEL, split, specs, RECIPE, seeds, steps=30, batched=False)
+    late_b, early_b = batched[2], batched[5]
+    assert late_b["status"] == "nan" == ref[2]["status"]
+    assert 0 < late_b["steps_done"] == ref[2]["steps_done"] < 30  # went NaN mid-training
+    assert early_b["status"] == "nan" and early_b["steps_done"] == 0 == ref[5]["steps_done"]
+    assert late_b == ref[2] and early_b == ref[5]
+    others, solo = batched[:2] + batched[3:5], ref[:2] + ref[3:5]
+    assert all(r["status"] == "ok" for r in others)
+    acc_diff, loss_diff = largest_differences(others, solo)
+    print(f"\nwith NaN trees: largest |Δ val accuracy| = {acc_diff:.3g}, "
+          f"largest |Δ final loss| = {loss_diff:.3g}")
+    record_property("max_final_loss_diff", loss_diff)
+    assert loss_diff <= 1e-5
+    assert_same(others, solo, len(split.y_val))
+
+
+def test_tree_kinds_group_by_reduction_and_leaves(split):
+    key = population.loss_group
+    a = key({"kind": "tree", "expr": "mul(x, y)"})
+    assert a == key({"kind": "tree", "expr": TREES[0], "coefficients": [2, 1, 1, 1, 1, 3]})
+    assert a != key({"kind": "tree", "expr": "mul(x, y)", "class_reduction": "mean"})
+    mean = key({"kind": "tree", "expr": "mul(x, y)", "class_reduction": "mean"})
+    assert key({"kind": "baikal_cma"}) == mean
+    expanded = key({"kind": "tree", "expr": "logit", "class_reduction": "mean",
+                    "leaves": ["x", "y", "logit", "1", "-1"]})
+    assert key({"kind": "fast_logit"}) == expanded != mean
+    assert key({"kind": "baikal"}) != mean  # the fixed Baikal kind keeps its own (vmapped) path
+    specs = [{"kind": "baikal_cma"}, {"kind": "tree", "expr": "mul(x, log(y))", "class_reduction": "mean"},
+             {"kind": "baikal_cma"}, {"kind": "fast_logit"},
+             {"kind": "tree", "expr": "sub(mul(x, log(y)), mul(logit, logit))", "class_reduction": "mean",
+              "leaves": ["x", "y", "logit", "1", "-1"]}, {"kind": "tree", "expr": "x"}, {"kind": "tree", "expr": "3"}]
+    seeds = [0, 1, 2, 0, 1, 0, 1]
+    batched = population.train_many(MODEL, split, specs, RECIPE, seeds, steps=15)
+    ref = single(split, specs, seeds, steps=15)
+    assert_same(batched, ref, len(split.y_val))

@@ -52,10 +52,10 @@ def test_search_with_misbehaving_candidates_completes(tmp_path):
     data.save(data.load(exp.cfg["data"]), exp.data_path)
     engine.step(exp, "tg", 0)
     cpath = state.candidates_path(exp.search_dir("tg"), 0)
-    gen = json.loads(cpath.read_text())
+    gen = state.read_state(cpath)
     for cand, theta in zip(gen["candidates"], [NAN_THETA, CHANCE_THETA]):
         cand.update(genome=theta, spec=_spec(theta))
-    cpath.write_text(json.dumps(gen))
+    state.write_state(cpath, gen)  # a deliberate edit, with a fresh checksum
     best = engine.run(exp, "tg")
     root = exp.search_dir("tg")
     first = state.load_results(root, 0, 2)
@@ -70,10 +70,21 @@ def _run_cli(params_path, *args):
                           capture_output=True, text=True, check=True)
 
 
-def test_sigkill_mid_generation_then_resume_gives_identical_result(tmp_path):
-    base = tiny_params(tmp_path / "a", popsize=6, generations=4, shards=3, partial_steps=40)
-    base["experiments"]["tiny"]["search"].pop("tgi")
-    base["experiments"]["tiny"]["retrain"]["losses"].pop("tgi")
+def _only(params: dict, keep: str) -> dict:
+    """The tiny experiment with just one of its searches (and its retrained loss)."""
+    exp = params["experiments"]["tiny"]
+    for name in [n for n in exp["search"] if n != keep]:
+        exp["search"].pop(name)
+        exp["retrain"]["losses"].pop(name)
+    return params
+
+
+@pytest.mark.parametrize("name,kill_gen", [("tg", 2), ("gl", 3)])
+def test_sigkill_mid_generation_then_resume_gives_identical_result(tmp_path, name, kill_gen):
+    """Killed mid-generation (gl: in its coefficient phase), resumed: the same best.json and progress."""
+    base = _only(tiny_params(tmp_path / "a", popsize=6, generations=4, shards=3, partial_steps=40), name)
+    if name == "gl":
+        base["experiments"]["tiny"]["search"]["gl"]["shards"] = 3
     killed, clean = tmp_path / "killed.yaml", tmp_path / "clean.yaml"
     killed.write_text(yaml.safe_dump(base))
     clean.write_text(yaml.safe_dump(dict(base, results_dir=str(tmp_path / "b"))))
@@ -81,21 +92,21 @@ def test_sigkill_mid_generation_then_resume_gives_identical_result(tmp_path):
         _run_cli(p, "prepare")
     _run_cli(clean, "search", "--workers", "1")
 
-    root = tmp_path / "a" / "tiny" / "search" / "tg"
+    root = tmp_path / "a" / "tiny" / "search" / name
     proc = subprocess.Popen(lossevo_cmd() + ["search", "--workers", "1", "--params", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = state.shard_path(root, 2, 0)  # generation 2 has started, its other shards have not
+    target = state.shard_path(root, kill_gen, 0)  # the generation has started, its last shard has not
     deadline = time.time() + 120
     while not target.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert target.exists() and not (root / "best.json").exists()
-    assert not state.shard_path(root, 2, 2).exists()  # really killed mid-generation
+    assert not state.shard_path(root, kill_gen, 2).exists()  # really killed mid-generation
     assert not list(root.rglob("*.tmp"))  # nothing half-written under a final name
     _run_cli(killed, "search", "--workers", "1")
 
-    other = tmp_path / "b" / "tiny" / "search" / "tg"
+    other = tmp_path / "b" / "tiny" / "search" / name
     a, b = (json.loads((r / "best.json").read_text()) for r in (root, other))
     assert a == b
     assert (root / "progress.csv").read_text() == (other / "progress.csv").read_text()
@@ -106,10 +117,11 @@ def test_snakemake_dry_run_lists_shard_jobs(tiny):
                          capture_output=True, text=True, env=dict(os.environ, PATH=_venv_path()))
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout + out.stderr
-    # tg: 3 generations x 2 shards; tgi: 2 generations x 2 shards.
+    # tg: 3 generations x 2 shards; tgi: 2 x 2; gl: 3 tree + 2 coefficient generations x 2 shards.
     assert "search_shard" in text and "search_step" in text
     counts = dict(line.split()[:2] for line in text.splitlines() if line.startswith("search_"))
-    assert counts["search_shard"] == "10" and counts["search_step"] == "5"
+    assert counts["search_shard"] == "20" and counts["search_step"] == "10"
+    assert counts["search_finalize"] == "3"
 
 
 def _venv_path() -> str:
@@ -123,8 +135,7 @@ def test_snakemake_with_two_cores_runs_two_shards_at_once(tmp_path):
     params = tiny_params(tmp_path / "results", generations=1, popsize=4, shards=2, partial_steps=300,
                          abort={"epoch": None, "min_accuracy": 0.15},
                          final_selection={"top_k": 0, "seeds": 1})
-    params["experiments"]["tiny"]["search"].pop("tgi")
-    params["experiments"]["tiny"]["retrain"]["losses"].pop("tgi")
+    _only(params, "tg")
     params["experiments"]["tiny"]["training"]["steps"] = 400
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -133,7 +144,9 @@ def test_snakemake_with_two_cores_runs_two_shards_at_once(tmp_path):
                          capture_output=True, text=True, env=dict(os.environ, PATH=_venv_path()))
     assert out.returncode == 0, out.stderr[-3000:]
     root = target.parent
-    spans = [json.loads(state.shard_path(root, 0, s).read_text()) for s in (0, 1)]
+    spans = [json.loads((tmp_path / "results" / "tiny" / "logs" / "search" / "tg" / f"timing_000_0{s}.json")
+                        .read_text()) for s in (0, 1)]
+    assert all("seconds" not in json.loads(state.shard_path(root, 0, s).read_text()) for s in (0, 1))
     (a0, a1), (b0, b1) = ((s["started"], s["started"] + s["seconds"]) for s in spans)
     assert max(a0, b0) < min(a1, b1), f"shards ran one after the other: {spans[0]['seconds']:.2f}s, " \
         f"{spans[1]['seconds']:.2f}s"

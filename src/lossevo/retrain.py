@@ -45,11 +45,13 @@ def retrain(exp: Experiment, loss: str, device=None) -> Path:
     t0 = time.perf_counter()
     results = train_many(exp.cfg["model"], split, [spec] * len(run_seeds), exp.cfg["training"],
                          run_seeds, device=device)
+    # The wall time is a log, not a result: retrain/<loss>.json must hash the same on a rerun.
+    write_json(exp.root / "logs" / "retrain" / f"{loss}.timing.json",
+               {"seconds": time.perf_counter() - t0, "device": str(device)})
     return write_json(exp.retrain_path(loss), {
         "loss": loss,
         "spec": spec,
         "device": str(device),
-        "seconds": time.perf_counter() - t0,
         "seeds": run_seeds,
         "status": [r["status"] for r in results],
         "reason": [r["reason"] for r in results],

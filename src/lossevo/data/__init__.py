@@ -75,6 +75,14 @@ def _digits(cfg: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, 
     y = d.target.astype(np.int64)
     seed = cfg["split_seed"]
     idx = np.arange(len(y))
+    classes = len(np.unique(y))
+    for key in ("test_size", "val_size"):  # scikit-learn's own error would be a traceback
+        size = cfg.get(key)
+        if size is not None and not classes <= size <= len(y) - 2 * classes:
+            raise LossevoError(f"data.{key}={size}: digits has {len(y)} samples of {classes} classes; "
+                               f"use {classes}..{len(y) - 2 * classes}")
+    if (cfg.get("test_size") or 0) + (cfg.get("val_size") or 0) > len(y) - classes:
+        raise LossevoError(f"data.val_size + data.test_size leave no training data for digits ({len(y)} samples)")
     rest, test = train_test_split(idx, test_size=cfg["test_size"], stratify=y, random_state=seed)
     train, val = train_test_split(rest, test_size=cfg["val_size"], stratify=y[rest], random_state=seed)
     return x[train], y[train], x[val], y[val], x[test], y[test]

@@ -1,7 +1,9 @@
 """Loss specs (small JSON dicts) and ``build(spec) -> torch.nn.Module``.
 
 Kinds: ``cross_entropy``; ``label_smoothing`` (alpha); ``baikal`` (GLO's
--(1/n) sum_i (log y_i - x_i / y_i)); ``taylor`` (TaylorGLO, see :mod:`lossevo.losses.taylor`).
+-(1/n) sum_i (log y_i - x_i / y_i)); ``taylor`` (TaylorGLO, see :mod:`lossevo.losses.taylor`);
+``tree`` (a GLO expression tree, see :mod:`lossevo.losses.tree`) and the named trees
+``baikal_cma`` (dissertation eq. 4.2) and ``fast_logit`` (eq. 4.5).
 Every module is called as ``loss(logits, targets)`` with integer class targets and returns a
 scalar, the mean over the batch, so it drops into any PyTorch training loop. Losses that use
 training progress (``uses_progress``) read ``loss.progress`` (0..1), which the trainer sets each step.
@@ -17,16 +19,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from lossevo.errors import LossevoError
-from lossevo.losses import taylor
+from lossevo.losses import taylor, tree
 
-KINDS = ("cross_entropy", "label_smoothing", "baikal", "taylor")
+KINDS = ("cross_entropy", "label_smoothing", "baikal", "taylor", "tree", "baikal_cma", "fast_logit")
 CLASS_REDUCTIONS = ("sum", "mean")
 _KEYS = {
     "cross_entropy": {"kind"},
     "label_smoothing": {"kind", "alpha"},
     "baikal": {"kind", "class_reduction"},
     "taylor": {"kind", "order", "theta", "convention", "variables", "class_reduction"},
+    "tree": {"kind", "expr", "coefficients", "class_reduction", "leaves"},
+    "baikal_cma": {"kind", "class_reduction"},
+    "fast_logit": {"kind", "class_reduction"},
 }
+#: Default class reduction per kind: the Taylor and tree losses *sum* over classes as the
+#: authors' TaylorGLO trainer does; the dissertation's fixed losses use its 1/n mean.
+_DEFAULT_REDUCTION = {"baikal": "mean", "taylor": "sum", "tree": "sum", "baikal_cma": "mean",
+                      "fast_logit": "mean"}
+#: The named trees: (expression, coefficients, leaves).
+NAMED_TREES = {
+    "baikal_cma": (tree.BAIKAL, tree.BAIKAL_CMA_COEFFICIENTS, tree.DEFAULT_LEAVES),
+    "fast_logit": (tree.FAST_LOGIT, None, tree.EXPANDED_LEAVES),
+}
+#: Softmax outputs are clamped below at this before a tree sees them (see :class:`TreeLoss`).
+TREE_MIN_Y = 1e-30
 
 
 def _class_reduce(per_class: torch.Tensor, how: str) -> torch.Tensor:
@@ -134,6 +150,57 @@ class Taylor(nn.Module):
         )
 
 
+def tree_inputs(logits: torch.Tensor, target: torch.Tensor,
+                variables: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors a loss tree's leaves name: x one-hot, y softmax clamped at TREE_MIN_Y, logit.
+
+    ``logits`` is [..., B, C] and ``target`` [..., B] (or [B], shared). With no variable, the
+    logits alone (a constant tree takes their shape).
+    """
+    out: dict[str, torch.Tensor] = {}
+    if "x" in variables:
+        out["x"] = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
+    if "y" in variables:
+        out["y"] = torch.softmax(logits, dim=-1).clamp(min=TREE_MIN_Y)
+    if "logit" in variables or not variables:
+        out["logit"] = logits
+    return out
+
+
+class TreeLoss(nn.Module):
+    """A GLO loss tree f: loss = -reduce_classes f(x, y, logit), mean over the batch.
+
+    ``y`` is the softmax clamped below at :data:`TREE_MIN_Y`: a probability that underflows to 0
+    is float32's doing, not the tree's, and without the clamp x/y would be 0/0 = NaN for every
+    such class. Nothing else is guarded: log of a negative or 0/0 inside the tree gives NaN and
+    the trainer records the run as failed (GLO: NaN -> fitness 0). A tree without y or logit
+    has no gradient; it gets a zero one (``+ 0 * logits``) so that training runs, and learns
+    nothing. Class reduction: ``sum`` (default for kind ``tree``, as the authors' Taylor code) or
+    ``mean`` (the dissertation's 1/n).
+    """
+
+    def __init__(self, expr: str, coefficients: list[float] | None = None, class_reduction: str = "sum",
+                 leaves: tuple[str, ...] | list[str] = tree.DEFAULT_LEAVES):
+        super().__init__()
+        self.tree = tree.parse(expr, leaves)
+        self.expr = tree.format_tree(self.tree)
+        self.coefficients = None if coefficients is None else tuple(float(c) for c in coefficients)
+        self.fn = tree.compile_tree(self.tree, self.coefficients)
+        self.variables = tree.variables_used(self.tree)
+        #: Whether the loss has a gradient of its own (else a zero one is attached).
+        self.uses_prediction = any(v in tree.PREDICTIONS for v in self.variables)
+        self.class_reduction = class_reduction
+
+    def per_class(self, inputs: dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        """The tree's value [..., B, C] on ``inputs`` (see :func:`tree_inputs`)."""
+        f = self.fn(inputs)
+        return f if self.uses_prediction else f + logits * 0.0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        f = self.per_class(tree_inputs(logits, target, self.variables), logits)
+        return _class_reduce(-f, self.class_reduction)
+
+
 def _number(spec: dict, key: str, lo: float | None = None, hi: float | None = None) -> float:
     value = spec.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -156,9 +223,8 @@ def validate(spec: Any) -> dict:
     out = dict(spec)
     if kind == "label_smoothing":
         out["alpha"] = _number(spec, "alpha", 0.0, 1.0)
-    if kind in ("baikal", "taylor"):
-        default = "mean" if kind == "baikal" else "sum"
-        out["class_reduction"] = spec.get("class_reduction", default)
+    if kind in _DEFAULT_REDUCTION:
+        out["class_reduction"] = spec.get("class_reduction", _DEFAULT_REDUCTION[kind])
         if out["class_reduction"] not in CLASS_REDUCTIONS:
             raise LossevoError(
                 f"loss spec {kind}.class_reduction must be one of {list(CLASS_REDUCTIONS)}, "
@@ -166,8 +232,13 @@ def validate(spec: Any) -> dict:
             )
     if kind == "taylor":
         out["order"] = spec.get("order", 3)
+        if isinstance(out["order"], bool) or not isinstance(out["order"], int) or not 1 <= out["order"] <= 8:
+            raise LossevoError(f"loss spec taylor.order must be an integer in 1..8, got {out['order']!r}")
         out["convention"] = spec.get("convention", "paper")
-        out["variables"] = list(spec.get("variables", taylor.DEFAULT_VARIABLES))
+        variables = spec.get("variables", list(taylor.DEFAULT_VARIABLES))
+        if not isinstance(variables, (list, tuple)) or not all(isinstance(v, str) for v in variables):
+            raise LossevoError(f"loss spec taylor.variables must be a list of names, got {variables!r}")
+        out["variables"] = list(variables)
         theta = spec.get("theta")
         if not isinstance(theta, list) or not all(
             isinstance(t, (int, float)) and not isinstance(t, bool) for t in theta
@@ -176,6 +247,16 @@ def validate(spec: Any) -> dict:
         lay = taylor.layout(out["order"], out["variables"])
         taylor.split_theta(theta, lay, out["convention"])  # checks length and convention
         out["theta"] = [float(t) for t in theta]
+    if kind == "tree":
+        leaves = tree.check_leaves(spec.get("leaves", tree.DEFAULT_LEAVES))
+        if not isinstance(spec.get("expr"), str):
+            raise LossevoError(f"loss spec tree.expr must be a string in prefix syntax such as "
+                               f"{tree.BAIKAL!r}, got {spec.get('expr')!r}")
+        parsed = tree.parse(spec["expr"], leaves)
+        coefficients = spec.get("coefficients")
+        if coefficients is not None:
+            coefficients = tree.check_coefficients(parsed, coefficients)
+        out.update(expr=tree.format_tree(parsed), coefficients=coefficients, leaves=list(leaves))
     return out
 
 
@@ -194,6 +275,11 @@ def build(spec: dict | str) -> nn.Module:
         return LabelSmoothing(spec["alpha"])
     if kind == "baikal":
         return Baikal(spec["class_reduction"])
+    if kind == "tree":
+        return TreeLoss(spec["expr"], spec["coefficients"], spec["class_reduction"], spec["leaves"])
+    if kind in NAMED_TREES:
+        expr, coefficients, leaves = NAMED_TREES[kind]
+        return TreeLoss(expr, coefficients, spec["class_reduction"], leaves)
     return Taylor(
         spec["theta"], spec["order"], spec["convention"], spec["variables"], spec["class_reduction"]
     )
@@ -206,4 +292,17 @@ def describe(spec: dict) -> str:
         return f"label smoothing (alpha={spec['alpha']:g})"
     if kind == "taylor":
         return f"Taylor k={spec.get('order', 3)}"
-    return {"cross_entropy": "cross-entropy", "baikal": "Baikal"}[kind]
+    if kind == "tree":
+        return describe_tree(spec)
+    return {"cross_entropy": "cross-entropy", "baikal": "Baikal", "baikal_cma": "BaikalCMA",
+            "fast_logit": "FastLogit"}[kind]
+
+
+def describe_tree(spec: dict, width: int = 48) -> str:
+    """A tree spec's label: its infix formula (sympy's str), cut to ``width`` characters;
+    ``(tuned)`` when it has coefficients."""
+    parsed = tree.parse(spec["expr"], spec.get("leaves", tree.DEFAULT_LEAVES))
+    text = tree.infix(parsed)
+    if len(text) > width:
+        text = text[: width - 3] + "..."
+    return f"tree {text}" + (" (tuned)" if spec.get("coefficients") is not None else "")

@@ -101,8 +101,8 @@ def search_info(exp: Experiment, name: str, records: dict[str, dict]) -> dict:
         if lname in records and records[lname]["spec"] != best["spec"]:
             raise LossevoError(f"{exp.retrain_path(lname)}: its spec is not {root / 'best.json'}'s "
                                f"(rerun `lossevo retrain -l {lname}`)")
-    total = {k: int(sum(s[k] for s in summaries))
-             for k in ("rejected", "failed", "retried", "evaluated", "trainings")}
+    total = {k: int(sum(s.get(k, 0) for s in summaries))
+             for k in ("rejected", "failed", "retried", "evaluated", "trainings", "cached", "duplicate")}
     return {
         "name": name,
         "settings": scfg,
@@ -118,6 +118,10 @@ def search_info(exp: Experiment, name: str, records: dict[str, dict]) -> dict:
         "final_steps": sel["steps"] if sel else None,
         "spec": best["spec"],
         "retrained": retrained,
+        "method": scfg["method"],
+        "glo": {k: best.get(k) for k in ("formula", "latex", "tree_phase_best",
+                                         "unit_coefficient_fitness", "free_coefficients")}
+        if scfg["method"] == "glo" else None,
     }
 
 
@@ -165,6 +169,7 @@ def metrics(records: dict[str, dict], welch, searches: dict[str, dict]) -> dict:
             "best_partial_val_acc": info["best_partial_val_acc"],
             "rejected": info["rejected"], "failed": info["failed"], "retried": info["retried"],
             "evaluations": info["evaluated"], "trainings": info["trainings"],
+            "cached": info["cached"],
             "final_val_acc": fp["full_val_mean"] if fp else None,
         }
     return _finite({"retrain": retrain, "search": search})
@@ -258,12 +263,14 @@ def _settings_section(exp: Experiment, split: dict, searches: dict) -> list[str]
                        f"α = {cfg['stats']['alpha']}"],
     ])
     if searches:
-        keys = ["order", "variables", "convention", "class_reduction", "sigma", "popsize",
-                "generations", "partial_steps", "invariant", "cma_active", "seed", "shards",
-                "attempts", "abort", "final_selection"]
+        keys = ["method", "order", "variables", "convention", "leaves", "class_reduction", "sigma",
+                "popsize", "generations", "partial_steps", "invariant", "cma_active", "elites",
+                "crossover", "mutation", "max_depth_init", "max_height", "init_require_leaves",
+                "coefficients", "seed", "shards", "attempts", "abort", "final_selection"]
+        keys = [k for k in keys if any(k in info["settings"] for info in searches.values())]
         lines += ["", "Search settings:", ""]
         lines += _table(["setting", *searches],
-                        [[k, *(_cell(info["settings"].get(k)) for info in searches.values())]
+                        [[k, *(_cell(info["settings"].get(k, "–")) for info in searches.values())]
                          for k in keys])
     return lines
 
@@ -279,8 +286,10 @@ def _cell(v) -> str:
 def _search_section(searches: dict, records: dict, welch, n_classes: int) -> list[str]:
     p = dict(zip(welch["loss"], welch["p"]))
     rows = {
-        "popsize × generations": [], "total candidates": [], "rejected by the invariant": [],
+        "popsize × generations": [], "total candidates": [], "rejected without training": [],
         "failed (aborted / NaN)": [], "retried": [], "evaluations (trained candidates)": [],
+        "fitness from the cache (equivalent loss trained before)": [],
+        "equal to another candidate of the generation (trained once)": [],
         "trainings incl. retries": [], "final-selection trainings (full length)": [],
         "best partial-training val. accuracy": [], "paper's pick: gen/idx, partial val.": [],
         "paper's pick: full-length val. mean": [], "paper's pick: loss": [],
@@ -291,13 +300,19 @@ def _search_section(searches: dict, records: dict, welch, n_classes: int) -> lis
     }
     for info in searches.values():
         s, pp, fp = info["settings"], info["paper_pick"], info["final_pick"]
-        rows["popsize × generations"].append(f"{s['popsize']} × {s['generations']}")
+        rows["popsize × generations"].append(
+            f"{s['popsize']} × {s['generations']}" + (
+                f" trees + {s['coefficients']['popsize']} × {s['coefficients']['generations']} "
+                f"coefficients" if s["method"] == "glo" else ""))
         rows["total candidates"].append(info["candidates"])
-        rows["rejected by the invariant"].append(
-            info["rejected"] if s.get("invariant") else f"{info['rejected']} (invariant off)")
+        why = ("tree lacks x or a prediction" if s["method"] == "glo"
+               else "invariant" if s.get("invariant") else "invariant off")
+        rows["rejected without training"].append(f"{info['rejected']} ({why})")
         rows["failed (aborted / NaN)"].append(info["failed"])
         rows["retried"].append(info["retried"])
         rows["evaluations (trained candidates)"].append(info["evaluated"])
+        rows["fitness from the cache (equivalent loss trained before)"].append(info["cached"])
+        rows["equal to another candidate of the generation (trained once)"].append(info["duplicate"])
         rows["trainings incl. retries"].append(info["trainings"])
         rows["final-selection trainings (full length)"].append(
             f"{info['final_trainings']} × {info['final_steps']} steps" if fp else "0 (off)")
@@ -418,6 +433,33 @@ def _shape_table(records: dict, n_classes: int) -> list[str]:
                    "‖∂L/∂logits‖ at the uniform prediction"], rows)
 
 
+def _trees_section(searches: dict) -> list[str]:
+    """GLO searches: the tree phase's best and the tuned loss as formulas (text and LaTeX)."""
+    lines = []
+    for name, info in searches.items():
+        g = info["glo"]
+        if not g:
+            continue
+        from lossevo.losses import tree
+
+        tb = g["tree_phase_best"]
+        t = tree.parse(tb["expr"], info["settings"]["leaves"])
+        lines += [f"## Discovered tree: `{name}`", "",
+                  f"Loss = −Σ over classes of f(x, y) ({info['settings']['class_reduction']} over "
+                  f"classes), mean over the batch; x one-hot label, y softmax output.", "",
+                  f"- Tree phase's best (gen {tb['generation']}/{tb['index']}, partial val. "
+                  f"{tb['fitness']:.4f}): `{tb['expr']}`, i.e. f = `{tree.infix(t)}`"]
+        if g["unit_coefficient_fitness"] is not None:
+            lines += [f"- Coefficient phase: {sum(g['free_coefficients'])} of {len(t)} node "
+                      f"coefficients free (the others absorbed by them); the unit coefficients "
+                      f"scored {g['unit_coefficient_fitness']:.4f} in the phase's first "
+                      f"generation, the phase's best candidate {info['paper_pick']['fitness']:.4f}.",
+                      f"- Retrained loss ({info['picked_by'].replace('_', ' ')}): "
+                      f"f = `{g['formula']}`", "", f"$$f = {g['latex']}$$"]
+        lines += [""]
+    return lines
+
+
 def markdown(exp: Experiment, split: dict, records: dict, welch, searches: dict,
              figs: dict[str, Path]) -> str:
     """The whole report as Markdown (figures linked relative to report.md)."""
@@ -453,6 +495,7 @@ def markdown(exp: Experiment, split: dict, records: dict, welch, searches: dict,
     for name in searches:
         lines += [f"Each generation's best candidate in `{name}` (colour = generation):", "",
                   f"![generation shapes {name}]({_rel(figs[f'generations:{name}'], base)})", ""]
+    lines += _trees_section(searches)
     lines += _caveats(exp, split, records, welch, searches, n_classes)
     return "\n".join(lines) + "\n"
 

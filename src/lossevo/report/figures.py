@@ -194,7 +194,7 @@ def plot_search(curve: dict, out: Path, title: str, n_classes: int,
         ax.scatter(xs(curve["failed"]), [f for *_, f in curve["failed"]], s=18, marker="x",
                    color="tab:gray", label=f"failed: aborted or NaN ({len(curve['failed'])})")
     if curve["rejected"]:
-        ax.plot([], [], " ", label=f"rejected by the invariant, not plotted ({curve['rejected']})")
+        ax.plot([], [], " ", label=f"rejected without training, not plotted ({curve['rejected']})")
     ax.plot(curve["generation"], curve["best"], "-o", color="tab:red", ms=4, label="best")
     ax.plot(curve["generation"], curve["mean"], "--", color="tab:orange",
             label="mean (trained candidates)")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import pickle
 import shutil
 import sys
 import time
@@ -30,7 +29,7 @@ from lossevo import data as data_mod
 from lossevo import parallel
 from lossevo.config import Experiment
 from lossevo.errors import LossevoError
-from lossevo.io import read_json, write_bytes, write_json, write_text
+from lossevo.io import read_json, write_json, write_text
 from lossevo.search import evaluate, methods, state
 from lossevo.training import trainer
 
@@ -79,15 +78,18 @@ class Context:
         return data_mod.load_prepared(self.exp.data_path).n_classes
 
 
+def _stored_digest(root: Path) -> str | None:
+    """The fingerprint digest a search directory was made with (None: missing or unreadable)."""
+    try:
+        return state.read_state(root / "search.json").get("digest")
+    except state.StateError:
+        return None
+
+
 def _check_fingerprint(exp: Experiment, name: str, root: Path) -> None:
-    path = root / "search.json"
-    if not path.exists() or read_json(path)["digest"] != fingerprint(exp, name)["digest"]:
+    if _stored_digest(root) != fingerprint(exp, name)["digest"]:
         raise LossevoError(f"{root}: search state is missing or was made with other settings or code "
                            f"(run generation 0's step first)")
-
-
-def _load_method(root: Path, g: int):
-    return pickle.loads(state.optimizer_path(root, g).read_bytes())
 
 
 def step(exp: Experiment, name: str, g: int) -> Path:
@@ -96,22 +98,22 @@ def step(exp: Experiment, name: str, g: int) -> Path:
     root = exp.search_dir(name)
     if not 0 <= g < generations(scfg):
         raise LossevoError(f"generation {g} is outside 0..{generations(scfg) - 1}")
-    if g == 0:
-        fp = fingerprint(exp, name)
-        old = root / "search.json"
-        if root.exists() and (not old.exists() or read_json(old)["digest"] != fp["digest"]):
-            shutil.rmtree(root)  # stale state (other settings or code): start afresh
-        write_json(root / "search.json", fp)
-        method = methods.get(scfg["method"])(scfg)
-    else:
-        _check_fingerprint(exp, name, root)
-        method = _tell(exp, name, g - 1)
-    asked = method.ask(g, Context(exp))
-    write_bytes(state.optimizer_path(root, g), pickle.dumps(method))
-    return write_json(state.candidates_path(root, g), {
-        "generation": g, "candidates": _dedupe(asked),
-        "train_seeds": [evaluate.attempt_seed(scfg["seed"], g, a) for a in range(scfg["attempts"])],
-    })
+    with state.search_lock(root):
+        if g == 0:
+            fp = fingerprint(exp, name)
+            if root.exists() and _stored_digest(root) != fp["digest"]:
+                shutil.rmtree(root)  # stale or unreadable state (other settings or code): start afresh
+            state.write_state(root / "search.json", fp)
+            method = methods.get(scfg["method"])(scfg)
+        else:
+            _check_fingerprint(exp, name, root)
+            method = _tell(exp, name, g - 1)
+        asked = method.ask(g, Context(exp))
+        state.write_pickle(state.optimizer_path(root, g), method)
+        return state.write_state(state.candidates_path(root, g), {
+            "generation": g, "candidates": _dedupe(asked),
+            "train_seeds": [evaluate.attempt_seed(scfg["seed"], g, a) for a in range(scfg["attempts"])],
+        })
 
 
 def _dedupe(asked: list[dict]) -> list[dict]:
@@ -120,7 +122,7 @@ def _dedupe(asked: list[dict]) -> list[dict]:
     out = []
     for i, c in enumerate(asked):
         c = dict(c, index=i)
-        key = c.pop("key", None)
+        key = c.get("key")
         if key is not None and "status" not in c:
             if key in first:
                 c.update(status="duplicate", same_as=first[key])
@@ -133,11 +135,11 @@ def _dedupe(asked: list[dict]) -> list[dict]:
 def _tell(exp: Experiment, name: str, g: int):
     """Load generation g's method, tell it the results, write g's summary; return the method."""
     root = exp.search_dir(name)
-    method = _load_method(root, g)
-    cands = read_json(state.candidates_path(root, g))["candidates"]
+    method = state.read_pickle(state.optimizer_path(root, g))
+    cands = state.read_candidates(root, g)["candidates"]
     results = state.load_results(root, g, exp.search_cfg(name)["shards"])
     method.tell(g, cands, [r["fitness"] for r in results])
-    write_json(state.summary_path(root, g), summarize(g, cands, results, method))
+    state.write_state(state.summary_path(root, g), summarize(g, cands, results, method))
     return method
 
 
@@ -175,7 +177,7 @@ def evaluate_shard(exp: Experiment, name: str, g: int, s: int, device=None) -> P
     cpath = state.candidates_path(root, g)
     if not cpath.exists():
         raise LossevoError(f"{cpath}: candidates missing (run the step for generation {g} first)")
-    gen = read_json(cpath)
+    gen = state.read_candidates(root, g)
     device = device or trainer.resolve_device(exp.cfg["device"])
     cands = [gen["candidates"][i] for i in state.shard_indices(len(gen["candidates"]), scfg["shards"], s)]
     todo = [(c["index"], c["spec"]) for c in cands if "status" not in c]
@@ -186,12 +188,19 @@ def evaluate_shard(exp: Experiment, name: str, g: int, s: int, device=None) -> P
         done = evaluate.evaluate(todo, split, exp.cfg["model"], exp.cfg["training"], scfg["partial_steps"],
                                  gen["train_seeds"], scfg["abort"], device)
     done += [evaluate.untrained(c) for c in cands if "status" in c]
-    return write_json(state.shard_path(root, g, s), {
+    # Wall-clock span of the training (lets a user see shards running side by side): a log,
+    # not state, so that the search directory hashes the same on a rerun.
+    write_json(timing_path(exp, name, g, s), {"started": started, "seconds": time.perf_counter() - t0,
+                                              "device": str(device)})
+    return state.write_state(state.shard_path(root, g, s), {
         "generation": g, "shard": s, "device": str(device),
-        # Wall-clock span of the training (lets a user see shards running side by side).
-        "started": started, "seconds": time.perf_counter() - t0,
         "results": sorted(done, key=lambda r: r["index"]),
     })
+
+
+def timing_path(exp: Experiment, name: str, g: int, s: int) -> Path:
+    """Where a shard's wall-clock span goes (under the experiment's untracked logs)."""
+    return exp.root / "logs" / "search" / name / f"timing_{g:03d}_{s:02d}.json"
 
 
 def progress_table(root: Path, scfg: dict) -> str:
@@ -199,7 +208,7 @@ def progress_table(root: Path, scfg: dict) -> str:
     cols = list(BASE_COLUMNS) + list(methods.get(scfg["method"]).columns)
     rows, evals, trainings = [",".join(cols)], 0, 0
     for g in range(generations(scfg)):
-        s = read_json(state.summary_path(root, g))
+        s = state.read_summary(root, g)
         evals += s["evaluated"]
         trainings += s["trainings"]
         s = dict(s, evaluations_so_far=evals, trainings_so_far=trainings)
@@ -216,7 +225,7 @@ def selection_pool(exp: Experiment, name: str) -> list[dict]:
     for g in range(generations(scfg)):
         if not method.selectable(scfg, g):
             continue
-        cands = read_json(state.candidates_path(root, g))["candidates"]
+        cands = state.read_candidates(root, g)["candidates"]
         for r in state.load_results(root, g, scfg["shards"]):
             if r["status"] == "ok":
                 c = cands[r["index"]]
@@ -229,10 +238,17 @@ def selection_pool(exp: Experiment, name: str) -> list[dict]:
 
 def finalize(exp: Experiment, name: str, device=None) -> dict:
     """Tell the last generation, write progress.csv, run the final selection, write best.json."""
+    exp.search_cfg(name)  # an unknown search name is a one-line error
+    root = exp.search_dir(name)
+    with state.search_lock(root):
+        _check_fingerprint(exp, name, root)
+        return _finalize(exp, name, device)
+
+
+def _finalize(exp: Experiment, name: str, device=None) -> dict:
     scfg = exp.search_cfg(name)
     root = exp.search_dir(name)
-    _check_fingerprint(exp, name, root)
-    _tell(exp, name, generations(scfg) - 1)
+    method = _tell(exp, name, generations(scfg) - 1)
     write_text(root / "progress.csv", progress_table(root, scfg))
     pool = selection_pool(exp, name)
     if not pool:
@@ -246,7 +262,7 @@ def finalize(exp: Experiment, name: str, device=None) -> dict:
         "picked_by": "final_selection" if selection else "partial_fitness",
         "paper_pick": paper,
         "final_selection": selection,
-        **methods.get(scfg["method"]).describe_best(scfg, chosen),
+        **method.describe_best(chosen),
     }
     write_json(root / "best.json", best)
     return best
@@ -283,18 +299,31 @@ def run(exp: Experiment, name: str, workers: int = 1, log=sys.stderr) -> dict:
     """Single-process driver: the same step/evaluate/finalize functions in a resumable loop.
 
     Whatever is complete on disk is kept (a killed run resumes), and the result is the same as
-    an uninterrupted run with the same seed. ``workers`` > 1 evaluates shards in parallel
-    processes with ``exp.threads`` torch threads each.
+    an uninterrupted run with the same seed. A damaged state file is reported and recomputed
+    from the last complete generation. A second driver on the same search waits for the first.
+    ``workers`` > 1 evaluates shards in parallel processes with ``exp.threads`` torch threads each.
     """
+    with state.search_lock(exp.search_dir(name), log):
+        return _run(exp, name, workers, log)
+
+
+def _run(exp: Experiment, name: str, workers: int, log) -> dict:
     scfg = exp.search_cfg(name)
     root = exp.search_dir(name)
     n_gen = generations(scfg)
     best_path = root / "best.json"
-    fp = fingerprint(exp, name)
-    fresh = not (root / "search.json").exists() or read_json(root / "search.json")["digest"] != fp["digest"]
-    if not fresh and best_path.exists():
-        print(f"[{name}] complete: {best_path}", file=log)
-        return read_json(best_path)
+    fresh = _stored_digest(root) != fingerprint(exp, name)["digest"]
+    if not fresh:
+        damaged = state.first_damaged(root, n_gen, scfg["shards"])
+        if damaged:
+            g, exc = damaged
+            print(f"[{name}] {exc.path}: {str(exc).split(': ', 1)[1].split(';')[0]}; recomputing "
+                  f"from generation {g}", file=log, flush=True)
+            discard_from(root, g, keep_candidates=exc.path.name.startswith("shard_")
+                         or exc.path.name == "summary.json")
+        elif best_path.exists():
+            print(f"[{name}] complete: {best_path}", file=log)
+            return read_json(best_path)
     t0 = time.perf_counter()
     with parallel.runner(min(workers, scfg["shards"]), exp.threads) as pool:
         for g in range(n_gen):
@@ -304,11 +333,30 @@ def run(exp: Experiment, name: str, workers: int = 1, log=sys.stderr) -> dict:
             pending = [s for s in range(scfg["shards"]) if not state.shard_path(root, g, s).exists()]
             pool.map(evaluate_shard, [(exp, name, g, s) for s in pending])
             if g > 0:
-                _log_generation(name, read_json(state.summary_path(root, g - 1)), t0, log)
-    best = finalize(exp, name)
-    _log_generation(name, read_json(state.summary_path(root, n_gen - 1)), t0, log,
-                    f"; picked {best['picked_by']}")
+                _log_generation(name, state.read_summary(root, g - 1), t0, log)
+    best = _finalize(exp, name)
+    _log_generation(name, state.read_summary(root, n_gen - 1), t0, log, f"; picked {best['picked_by']}")
     return best
+
+
+def discard_from(root: Path, g: int, keep_candidates: bool) -> None:
+    """Delete generation g's damaged state and everything after it (later generations, results).
+
+    ``keep_candidates``: the damage is in a shard or the summary, so g's (checked) candidates and
+    checkpoint stay and only its shards and summary are recomputed.
+    """
+    gdir = state.gen_dir(root, g)
+    if keep_candidates:
+        for p in list(gdir.glob("shard_*.json")) + [state.summary_path(root, g)]:
+            p.unlink(missing_ok=True)
+    elif gdir.exists():
+        shutil.rmtree(gdir)
+    later = g + 1
+    while state.gen_dir(root, later).exists():
+        shutil.rmtree(state.gen_dir(root, later))
+        later += 1
+    for name in ("best.json", "progress.csv"):
+        (root / name).unlink(missing_ok=True)
 
 
 def _log_generation(name: str, s: dict, t0: float, log, tail: str = "") -> None:

@@ -12,8 +12,8 @@ files, DEAP ``creator`` classes and lambdas) with:
 - ``summary() -> dict``: method-specific numbers for the generation just told;
 - class attributes / static methods: ``columns`` (extra progress.csv columns, from the summary),
   ``generations(settings)`` (total, all phases), ``selectable(settings, g)`` (whether generation
-  g's candidates compete in the final selection), ``describe_best(settings, pick) -> dict``
-  (extra best.json fields).
+  g's candidates compete in the final selection); ``describe_best(pick) -> dict`` (extra
+  best.json fields, called on the method after the last generation was told).
 """
 
 from __future__ import annotations

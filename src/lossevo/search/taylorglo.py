@@ -87,7 +87,8 @@ class TaylorGLO:
     def summary(self) -> dict:
         return {"sigma": float(self.es.sigma), "mean_theta": [float(v) for v in self.es.mean]}
 
-    @staticmethod
-    def describe_best(scfg: dict, pick: dict) -> dict:
-        lay = taylor.layout(scfg["order"], scfg["variables"])
-        return {"theta_code_convention": taylor.convert(pick["genome"], lay, scfg["convention"], "code")}
+    def describe_best(self, pick: dict) -> dict:
+        """best.json extras: the pick's θ in the authors' code layout too."""
+        s = self.scfg
+        lay = taylor.layout(s["order"], s["variables"])
+        return {"theta_code_convention": taylor.convert(pick["genome"], lay, s["convention"], "code")}
