@@ -14,7 +14,7 @@ def n_params(m):
 @pytest.mark.parametrize("name,shape,kwargs,count", [
     ("mlp", (1, 8, 8), {"hidden": [100, 100]}, 64 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10),
     ("small_cnn", (1, 8, 8), {}, None),
-    # 832 + 51,264 + 3,212,288 + 10,250: the ≈3.27M of seed-003 §4.2.
+    # 832 + 51,264 + 3,212,288 + 10,250: the ≈3.27M of the authors' CNNMNIST.
     ("mnist_basic_cnn", (1, 28, 28), {}, 3_274_634),
     ("allcnnc", (3, 32, 32), {}, None),
 ])

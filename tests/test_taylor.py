@@ -11,7 +11,7 @@ from lossevo.losses import taylor
 
 @pytest.mark.parametrize("k,count", [(1, 3), (2, 5), (3, 8), (4, 12), (5, 17)])
 def test_trimmed_parameter_counts(k, count):
-    # n + C(n+k, k) minus the (k+1) terms with no y exponent (seed-003 §1.1 table).
+    # n + C(n+k, k) minus the (k+1) terms with no y exponent (paper eq. 4, trimmed).
     assert taylor.n_params(k, ("x", "y")) == count == 2 + math.comb(2 + k, k) - (k + 1)
 
 
@@ -52,7 +52,7 @@ def test_k3_xlogy_gradient_at_known_point():
     assert g.item() == pytest.approx(2.0)
     y9 = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
     (g9,) = torch.autograd.grad(f(x, y9), y9)
-    assert g9.item() == pytest.approx(1.04)  # seed-003 §1.8: 1.04 against the exact 1.111
+    assert g9.item() == pytest.approx(1.04)  # third-order Taylor CE at (0.5, 0.5): 1.04 against the exact 1.111
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5])
@@ -83,14 +83,14 @@ def test_conventions_agree_after_conversion():
     lay = taylor.layout(3)
     paper = [0.5, 0.5, 1, -2, 8, 2, -4, 0]
     code = taylor.convert(paper, lay, "paper", "code")
-    assert code == pytest.approx([1, -1, 4 / 3, 2, -2, 0, 0.5, 0.5])  # seed-003 §1.8
+    assert code == pytest.approx([1, -1, 4 / 3, 2, -2, 0, 0.5, 0.5])  # hand-derived (factorials absorbed)
     assert taylor.convert(code, lay, "code", "paper") == pytest.approx(paper)
     x, y = torch.rand(5, 10, dtype=torch.float64), torch.rand(5, 10, dtype=torch.float64)
     assert torch.allclose(poly(paper, 3, "paper")(x, y), poly(code, 3, "code")(x, y))
 
 
 # The published AllCNN-C loss (regularization paper eq. 10), as factorial-absorbed multipliers
-# with zero centres (seed-000-regularization.md §3): code layout [l2..l7, a_x, a_y].
+# with zero centres (regularization paper §3): code layout [l2..l7, a_x, a_y].
 ALLCNNC_CODE = [-373.917, -65.132, -3.7396, 0.335965, -0.603, 1.1103, 0.0, 0.0]
 
 
@@ -105,7 +105,7 @@ def test_invariant_coefficients_of_allcnnc_loss():
 
 def test_invariant_classifies_hand_checked_vectors():
     assert taylor.invariant_holds(ALLCNNC_CODE, 10, "code")  # the published loss must pass
-    # CE approximation at (0.5, 0.5): 3.6 < 5.12, rejected (seed-003 §9).
+    # CE approximation at (0.5, 0.5): 3.6 < 5.12, rejected (the regularization paper's example).
     assert not taylor.invariant_holds([0.5, 0.5, 1, -2, 8, 2, -4, 0], 10, "paper")
     assert taylor.invariant_holds([0.0] * 8, 10)  # both sides 0: strict '<' does not reject
     # Only d_y = 1: c1 = 1, left 0 < right (n-2) = 8 -> rejected; only d_xy = 1: left 1 > 0 -> kept.

@@ -4,6 +4,9 @@ rule prepare:
     params:
         opts=OPTS,
         data=EXP.cfg["data"],
+    resources:
+        runtime=30,
+        mem_mb=8000,
     log:
         f"{ROOT}/logs/prepare.log",
     conda:

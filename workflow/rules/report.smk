@@ -8,6 +8,9 @@ rule report:
         plots=expand(f"{ROOT}/plots/{{name}}.csv", name=["search_progress", "retrain_accuracy"]),
     params:
         opts=OPTS,
+    resources:
+        runtime=10,
+        mem_mb=4000,
     log:
         f"{ROOT}/logs/report.log",
     conda:

@@ -7,6 +7,10 @@ rule retrain:
         opts=OPTS,
         retrain=EXP.cfg["retrain"],
     threads: THREADS
+    resources:
+        gpu=1,
+        runtime=720,
+        mem_mb=8000,
     log:
         f"{ROOT}/logs/retrain/{{loss}}.log",
     conda:
@@ -23,6 +27,9 @@ rule stats:
         md=f"{ROOT}/stats/welch.md",
     params:
         opts=OPTS,
+    resources:
+        runtime=10,
+        mem_mb=2000,
     log:
         f"{ROOT}/logs/stats.log",
     conda:

@@ -11,6 +11,9 @@ rule search_step:
         opts=OPTS,
         digest=lambda wc: fingerprint(EXP, wc.search)["digest"],
         g=lambda wc: int(wc.gen),
+    resources:
+        runtime=10,
+        mem_mb=2000,
     log:
         f"{ROOT}/logs/search/{{search}}/step_{{gen}}.log",
     conda:
@@ -29,6 +32,10 @@ rule search_shard:
         g=lambda wc: int(wc.gen),
         s=lambda wc: int(wc.shard),
     threads: THREADS
+    resources:
+        gpu=1,
+        runtime=240,
+        mem_mb=8000,
     log:
         f"{ROOT}/logs/search/{{search}}/shard_{{gen}}_{{shard}}.log",
     conda:
@@ -50,6 +57,10 @@ rule search_finalize:
     threads: THREADS
     params:
         opts=OPTS,
+    resources:
+        gpu=1,
+        runtime=480,
+        mem_mb=8000,
     log:
         f"{ROOT}/logs/search/{{search}}/finalize.log",
     conda:

@@ -17,9 +17,9 @@ from lossevo.errors import LossevoError
 
 DATASETS = ("digits", "mnist", "cifar10", "svhn")
 
-# Paper splits (seed-003-taylorglo.md §3): validation taken from the training set.
+# Paper splits (TaylorGLO paper §5; docs/choices.md): validation taken from the training set.
 PAPER_VAL_SIZE = {"mnist": 5000, "cifar10": 5000, "svhn": 26032}
-# Per-channel normalisation of the authors' trainer (seed-003-taylorglo.md §3).
+# Per-channel normalisation of the authors' released trainer (docs/choices.md).
 CHANNEL_STATS = {
     "cifar10": ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
     "svhn": ((109.9, 109.7, 113.8), (50.1, 50.6, 50.8)),

@@ -5,7 +5,7 @@ f(v) = sum_{|alpha|<=k} (1/alpha!) d^alpha f(a) (v - a)^alpha. Terms whose alpha
 prediction variable have zero derivative w.r.t. the prediction and are trimmed (paper §4), so
 order 3 over (x, y) has 2 centres + 6 coefficients = the paper's 8 parameters.
 
-Parameter layouts (see ../shared/reference/seed-003-taylorglo.md §1.3-1.5):
+Parameter layouts (TaylorGLO paper eq. 4-5 and the released code; docs/choices.md):
 - ``paper``: [centres in variable order, then one coefficient per kept multi-index in the
   enumeration order below], each coefficient multiplied by 1/alpha! (the paper's θ0..θ7).
 - ``code``: the authors' released code: [coefficients..., centres...], factorials absorbed
@@ -144,7 +144,7 @@ def invariant_coefficients(theta: list[float], convention: str = "paper") -> dic
     Only defined for order 3 over (x, y) (as in the authors' code). With a = x - a_x and
     b = y - a_y and factorial-absorbed multipliers l2..l7 (terms b, b², b³, ab, ab², a²b), the
     derivative is l2 + 2 l3 b + 3 l4 b² + l5 a + 2 l6 a b + l7 a²; expanding gives the
-    regularization paper's coefficients (seed-000-regularization.md §7).
+    regularization paper's coefficients (its §4, Theorem 4).
     """
     lay = layout(3, ("x", "y"))
     (a0, a1), (l2, l3, l4, l5, l6, l7) = split_theta(theta, lay, convention)

@@ -1,7 +1,7 @@
 """Model registry: ``build(name, input_shape, n_classes, **kwargs) -> nn.Module``.
 
 Small models for the embedded 8×8 digits, and the papers' architectures (the MNIST basic CNN
-and AllCNN-C, as in the authors' released trainer; seed-003-taylorglo.md §4.2).
+and AllCNN-C, as in the authors' released trainer; docs/choices.md).
 """
 
 from __future__ import annotations

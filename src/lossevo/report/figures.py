@@ -10,7 +10,7 @@ the correct class (class 0) and ``(1 - p) / (n - 1)`` for each other class, the 
 ``log(probs)``, and the loss of that single example is evaluated. ``n = 2`` is the papers'
 binary-classification plot; ``n`` = the dataset's classes is the effective n-class curve, which
 is the more informative one for TaylorGLO losses: a large class-independent term that the
-softmax cancels can dominate the binary curve (../shared/reference/cpu-calibration.md).
+softmax cancels can dominate the binary curve.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GLO's genetic operators on DEAP loss trees (dissertation §4.1.1; reference seed-001 §1.1-1.2).
+"""GLO's genetic operators on DEAP loss trees (dissertation §4.1.1; docs/choices.md).
 
 Weighted random trees of depth ≤ 2, roulette selection, one-point subtree crossover, GLO's four
 per-node mutations applied bottom-up, six elites, and a height guard.
