@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lossevo import data, losses, models
-from lossevo.training import population, trainer
+from lossevo.training import population, stacked_loss, trainer
 
 MODEL = {"name": "mlp", "hidden": [64]}  # no dropout: batched and single runs are comparable
 RECIPE = {"lr": 0.1, "batch_size": 32, "steps": 60, "momentum": 0.9, "weight_decay": 1e-3,
@@ -142,7 +142,7 @@ def test_batchnorm_model_falls_back_and_warns_once(split, monkeypatch):
 
 
 def test_unbatchable_loss_kind_falls_back_and_warns_once(split, monkeypatch):
-    monkeypatch.setattr(population, "BATCHABLE_KINDS", ("taylor",))
+    monkeypatch.setattr(stacked_loss, "BATCHABLE_KINDS", ("taylor",))
     specs = [{"kind": "baikal"}, {"kind": "baikal"}] + learners(2)
     with pytest.warns(RuntimeWarning, match="baikal") as caught:
         out = population.train_many(MODEL, split, specs, RECIPE, [0, 1, 0, 1], steps=10)

@@ -43,7 +43,6 @@ trainer with one warning per process and reason.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -51,15 +50,20 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import stack_module_state
 
 from lossevo import losses, models
 from lossevo.data import Split
 from lossevo.errors import LossevoError
-from lossevo.losses import tree
 from lossevo.training import trainer
+from lossevo.training.stacked_forward import _population_forward
+from lossevo.training.stacked_loss import (  # noqa: F401 - re-exported
+    BATCHABLE_KINDS,
+    TREE_KINDS,
+    _stacked_loss,
+    loss_group,
+)
 
 #: Candidates trained together in one batched pass unless ``max_population`` says otherwise.
 DEFAULT_MAX_POPULATION = 32
@@ -72,12 +76,6 @@ STATE_BUDGET_BYTES = 2 << 30
 CPU_MAX_BATCHED_MACS = 10_000_000
 #: Rows × candidates per batched evaluation chunk (``trainer.accuracy`` uses 2048 rows per model).
 EVAL_ELEMENTS = 8192
-#: Loss kinds whose modules this module knows how to batch.
-BATCHABLE_KINDS = ("cross_entropy", "label_smoothing", "baikal", "taylor", "tree", "baikal_cma",
-                   "fast_logit")
-#: Kinds built as :class:`losses.TreeLoss`: they batch together across different trees.
-TREE_KINDS = ("tree", "baikal_cma", "fast_logit")
-
 _warned: set[str] = set()
 _noted: set[str] = set()
 log = logging.getLogger(__name__)
@@ -108,20 +106,6 @@ def _note_once(message: str) -> None:
     if message not in _noted:
         _noted.add(message)
         log.info(message)
-
-
-def loss_group(spec: dict) -> str | None:
-    """The batching key of a loss spec (equal keys batch together); None if it cannot batch."""
-    spec = losses.validate(spec)
-    if spec["kind"] not in BATCHABLE_KINDS:
-        return None
-    if spec["kind"] in TREE_KINDS:
-        leaves = (spec["leaves"] if spec["kind"] == "tree"
-                  else list(losses.NAMED_TREES[spec["kind"]][2]))
-        return json.dumps({"kind": "tree", "class_reduction": spec["class_reduction"],
-                           "leaves": leaves}, sort_keys=True)
-    return json.dumps({k: v for k, v in spec.items() if k not in ("theta", "convention")},
-                      sort_keys=True)
 
 
 def _vmap_probe(model: nn.Module, split: Split, device: torch.device) -> None:
@@ -157,203 +141,6 @@ def model_unbatchable(model_cfg: dict, split: Split, device: torch.device) -> st
                           f"({type(exc).__name__}: {first})")
         _model_checks[key] = reason
     return _model_checks[key]
-
-
-def _tree_population_source(loss_fns: list[losses.TreeLoss], live: tuple[int, ...],
-                            shared_x: bool) -> str:
-    """Source of ``_trees(inputs) -> [P, B, C]``: the trees of candidates ``live`` (in stacked
-    order), each on its own slice of the shared inputs, then one stack.
-
-    Per candidate the statements are those :meth:`losses.TreeLoss.forward` runs (same torch
-    calls, same operand order), so batched and single values agree; candidate q's tree never
-    touches p's slice (a NaN there would reach p's gradient through the backward pass).
-    """
-    used = {v for i in live for v in loss_fns[i].variables}
-    need_logit = "logit" in used or any(not loss_fns[i].uses_prediction for i in live)
-    lines = []
-    if "x" in used:
-        lines.append("x = inputs['x']" if shared_x else "xs = inputs['x'].unbind(0)")
-    if "y" in used:
-        lines.append("ys = inputs['y'].unbind(0)")
-    if need_logit:
-        lines.append("ls = inputs['logit'].unbind(0)")
-    results = []
-    for j, i in enumerate(live):
-        fn = loss_fns[i]
-        names = {"x": "x" if shared_x else f"x{j}", "y": f"y{j}", "logit": f"l{j}"}
-        for v in fn.variables:
-            if v != "x" or not shared_x:
-                lines.append(f"{names[v]} = {v[0]}s[{j}]")
-        if not fn.uses_prediction:
-            lines.append(f"l{j} = ls[{j}]")
-        body, out = tree.tree_source(fn.tree, fn.coefficients, names, prefix=f"_t{j}_")
-        lines += body
-        if not fn.variables:
-            out = f"torch.full_like(l{j}, {out})"
-        if not fn.uses_prediction:
-            out = f"torch.add({out}, torch.mul(l{j}, 0.0))"
-        lines.append(f"r{j} = {out}")
-        results.append(f"r{j}")
-    lines.append(f"return torch.stack([{', '.join(results)}])")
-    return "def _trees(inputs):\n" + "".join(f"    {line}\n" for line in lines)
-
-
-def _stacked_tree_loss(loss_fns: list[nn.Module],
-                       device: torch.device | None) -> tuple[Callable, list[torch.Tensor]]:
-    """The population loss of GLO trees that may all differ (see :func:`_stacked_loss`).
-
-    x (one-hot), y (softmax) and logit are computed once for the stacked logits; one generated
-    function runs every candidate's tree on its slice and stacks the values; one reduction
-    follows. ``extra`` is the candidates' index vector, which ``_Population.keep`` shrinks with
-    the stack, so the function knows whose trees are still running (regenerated on change).
-    """
-    if not all(isinstance(f, losses.TreeLoss) for f in loss_fns) or len(
-            {f.class_reduction for f in loss_fns}) > 1:
-        raise ValueError("a population's tree losses must share the class reduction")
-    red = loss_fns[0].class_reduction
-    variables = tuple(v for v in tree.VARIABLES if any(v in f.variables for f in loss_fns))
-    if not all(f.uses_prediction for f in loss_fns) and "logit" not in variables:
-        variables += ("logit",)  # the zero gradient of a tree without y or logit
-    compiled: dict[tuple, Callable] = {}
-    current: list = [None, ()]  # the index tensor last seen, and its candidates
-
-    def trees_for(live: tuple[int, ...], shared_x: bool) -> Callable:
-        key = (live, shared_x)
-        if key not in compiled:
-            namespace = {"torch": torch, "_nan": math.nan, "_inf": math.inf}
-            source = _tree_population_source(loss_fns, live, shared_x)
-            exec(compile(source, "<population loss trees>", "exec"), namespace)  # noqa: S102
-            compiled[key] = namespace["_trees"]
-        return compiled[key]
-
-    def tree_fn(logits, y, extra, progress):
-        (index,) = extra
-        if current[0] is not index:  # the population shrank (or first call): one host sync
-            current[:] = [index, tuple(index.tolist())]
-        inputs = losses.tree_inputs(logits, y, variables)
-        f = trees_for(current[1], y.dim() == 1)(inputs)
-        return losses._class_reduce(-f, red)
-
-    return tree_fn, [torch.arange(len(loss_fns), device=device)]
-
-
-def _stacked_loss(loss_fns: list[nn.Module],
-                  device: torch.device | None = None) -> tuple[Callable, list[torch.Tensor]]:
-    """A population loss ``f(logits, y, extra, progress) -> [P]`` and its stacked ``extra``.
-
-    ``logits`` is [P, B, C]; ``y`` is [B] (a shared batch) or [P, B]. Taylor losses are computed
-    directly on the stacked tensors (θ broadcast as [P, 1, 1, n]: elementwise the same
-    arithmetic as one candidate's, without vmap's per-op cost); GLO trees, different or not, by
-    :func:`_stacked_tree_loss`; other kinds, which hold no per-candidate tensors, are vmapped.
-    """
-    first = loss_fns[0]
-    if isinstance(first, losses.TreeLoss):
-        return _stacked_tree_loss(loss_fns, device)
-    if isinstance(first, losses.Taylor):
-        settings = {(f.layout, f.class_reduction) for f in loss_fns}
-        if len(settings) > 1 or not all(isinstance(f, losses.Taylor) for f in loss_fns):
-            raise ValueError("a population's Taylor losses must share order, variables, reduction")
-        centres = torch.stack([f.centres for f in loss_fns])[:, None, None, :]
-        coefs = torch.stack([f.coefs for f in loss_fns])[:, None, None, :]
-        lay, red = first.layout, first.class_reduction
-
-        def taylor_fn(logits, y, extra, progress):
-            c, k = extra
-            return losses.taylor_loss(logits, y, c.to(logits.dtype), k.to(logits.dtype), lay, red,
-                                      progress)
-
-        return taylor_fn, [centres, coefs]
-
-    def settings(f: nn.Module) -> tuple:
-        return (type(f), *(v for k, v in sorted(vars(f).items()) if not k.startswith("_")))
-
-    if len({settings(f) for f in loss_fns}) > 1 or any(
-        next(f.parameters(), None) is not None or next(f.buffers(), None) is not None
-        for f in loss_fns
-    ):
-        raise ValueError("a population's losses must be one kind with one setting and no state")
-    shared = vmap(first, in_dims=(0, None))
-    gathered = vmap(first, in_dims=(0, 0))
-
-    def fixed_fn(logits, y, extra, progress):
-        return (gathered if y.dim() == 2 else shared)(logits, y)
-
-    return fixed_fn, []
-
-
-def _mlp_forward(model: nn.Module) -> Callable | None:
-    """A batched forward for a plain MLP (Flatten/Linear/ReLU/Dropout), else None.
-
-    ``f(params, x, shared, training)`` takes the stacked parameters and x of [B, ...] (shared)
-    or [P, B, ...] and returns [P, B, C], using ``baddbmm`` directly: the same per-candidate
-    arithmetic as ``vmap(functional_call)``, with a fraction of its per-op cost.
-    """
-    if type(model) is not nn.Sequential:
-        return None
-    plan: list[tuple] = []
-    for name, m in model.named_children():
-        if type(m) is nn.Linear:
-            bias = f"{name}.bias" if m.bias is not None else None
-            plan.append(("linear", f"{name}.weight", bias))
-        elif type(m) is nn.ReLU:
-            plan.append(("relu",))
-        elif type(m) is nn.Dropout:
-            plan.append(("dropout", m.p))
-        elif type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
-            plan.append(("flatten",))
-        elif type(m) is not nn.Identity:
-            return None
-    if not any(op[0] == "linear" for op in plan):
-        return None
-
-    def forward(params: dict, x: torch.Tensor, shared: bool, training: bool) -> torch.Tensor:
-        n_cand = next(iter(params.values())).shape[0]
-        h, batched = x, not shared
-        for op in plan:
-            if op[0] == "flatten":
-                h = h.flatten(2 if batched else 1)
-            elif op[0] == "relu":
-                h = torch.relu(h)
-            elif op[0] == "dropout":
-                if training and op[1] > 0:
-                    if not batched:
-                        h, batched = h.expand(n_cand, *h.shape), True
-                    h = F.dropout(h, op[1], training=True)
-            else:
-                w = params[op[1]]
-                if not batched:
-                    h, batched = h.expand(n_cand, *h.shape), True
-                if op[2] is None:
-                    h = torch.bmm(h, w.transpose(1, 2))
-                else:
-                    h = torch.baddbmm(params[op[2]].unsqueeze(1), h, w.transpose(1, 2))
-        return h
-
-    return forward
-
-
-def _population_forward(model: nn.Module) -> Callable:
-    """``f(params, x, shared, training) -> [P, B, C]`` for stacked copies of ``model``.
-
-    ``shared``: x is one batch [B, ...] for every candidate, else [P, B, ...]. Plain MLPs use
-    :func:`_mlp_forward`; anything else ``vmap(functional_call)`` with independent randomness.
-    """
-    fast = _mlp_forward(model)
-    if fast is not None:
-        return fast
-    base = copy.deepcopy(model).to("meta")
-
-    def one(p: dict, xx: torch.Tensor) -> torch.Tensor:
-        return functional_call(base, p, (xx,))
-
-    on_shared = vmap(one, in_dims=(0, None), randomness="different")
-    on_own = vmap(one, in_dims=(0, 0), randomness="different")
-
-    def forward(params: dict, x: torch.Tensor, shared: bool, training: bool) -> torch.Tensor:
-        base.train(training)
-        return (on_shared if shared else on_own)(params, x)
-
-    return forward
 
 
 def _chunks(items: list, cap: int) -> list[list]:
