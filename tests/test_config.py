@@ -364,7 +364,7 @@ def test_partly_given_objects_get_their_inner_defaults(tmp_path):
     assert gl["abort"] == {"epoch": 10, "min_accuracy": 0.15}
     assert gl["coefficients"] == {"popsize": 4, "generations": 35, "sigma": 1.5, "prune": True, "cma_active": False}
     assert gl["mutation"] == {"int_step": 0.05, "replace": 0.1, "to_leaf": 0.025, "to_node": 0.025}
-    assert exp.cfg["stats"] == {"alpha": 0.01, "baseline": "cross_entropy"}
+    assert exp.cfg["stats"] == {"alpha": 0.01, "baseline": "cross_entropy", "confidence": 0.95}
 
 
 # ------------------------------------------------------------------- Snakemake: --config, --configfile

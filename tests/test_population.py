@@ -297,3 +297,18 @@ def test_tree_kinds_group_by_reduction_and_leaves(split):
     batched = population.train_many(MODEL, split, specs, RECIPE, seeds, steps=15)
     ref = single(split, specs, seeds, steps=15)
     assert_same(batched, ref, len(split.y_val))
+
+
+def test_kept_models_equal_between_batched_and_sequential(split):
+    """The weights train_many keeps reproduce the reported test accuracy, batched or not."""
+    specs = [{"kind": "cross_entropy"}] * 3
+    kw = dict(steps=30, keep_models=True)
+    batched = population.train_many(MODEL, split, specs, RECIPE, [0, 1, 2], batched=True, **kw)
+    solo = population.train_many(MODEL, split, specs, RECIPE, [0, 1, 2], batched=False, **kw)
+    for b, s in zip(batched, solo):
+        assert set(b["state_dict"]) == set(s["state_dict"])
+        diff = max(float((b["state_dict"][k] - s["state_dict"][k]).abs().max()) for k in b["state_dict"])
+        assert diff < 1e-5
+        model = trainer.init_model(MODEL, split, 0, torch.device("cpu"))
+        model.load_state_dict(b["state_dict"])
+        assert trainer.accuracy(model, split.x_test, split.y_test) == b["test_accuracy"]

@@ -363,11 +363,11 @@ def _caveats(exp: Experiment, split: dict, records: dict, welch, searches: dict,
     others = welch[welch["loss"] != baseline]
     if len(others):
         sig = others[others["p"] < alpha]
-        bonf = others[others["p"] < alpha / len(others)]
+        holm = others[others["p_holm"] < alpha] if "p_holm" in others else others.iloc[:0]
         diff = (others["mean"] - welch.loc[welch["loss"] == baseline, "mean"].iloc[0]).abs().max()
         out.append(
             f"{len(others)} losses are tested against `{baseline}`: {len(sig)} have p < {alpha}; "
-            f"with a Bonferroni correction (p < {alpha / len(others):.3g}) {len(bonf)} remain. "
+            f"with Holm's correction across these {len(others)} tests {len(holm)} remain. "
             f"One test example is {1 / split['test']:.4f} accuracy; the largest absolute "
             f"difference from the baseline mean is {diff:.4f} "
             f"({diff * split['test']:.1f} examples).")

@@ -206,6 +206,7 @@ def train_population(
     abort: dict | None = None,
     device: torch.device | None = None,
     evaluate_test: bool = True,
+    keep_models: bool = False,
 ) -> list[dict]:
     """Train ``loss_fns[i]`` with ``seeds[i]`` for all i in one batched computation.
 
@@ -343,6 +344,9 @@ def train_population(
             results[i]["final_loss"] = float(final[j])
             results[i]["val_accuracy"] = val[j]
             results[i]["test_accuracy"] = test[j]
+            if keep_models:  # candidate j's slice of the stacked weights, as its own state dict
+                results[i]["state_dict"] = {k: p[j].detach().cpu().clone()
+                                            for k, p in zip(pop.names, pop.params, strict=True)}
     return results
 
 
@@ -405,8 +409,12 @@ def train_many(
     *,
     max_population: int | None = None,
     batched: bool | None = None,
+    keep_models: bool = False,
 ) -> list[dict]:
     """Train ``specs[i]`` with ``seeds[i]``; return one :func:`trainer.train` result per pair.
+
+    ``keep_models``: each successful result also holds the final weights (``state_dict``, on
+    the CPU), e.g. for retraining, whose networks the evaluation stages reuse.
 
     Candidates whose losses batch together (:func:`loss_group`) are trained as populations of at
     most ``max_population`` (default :data:`DEFAULT_MAX_POPULATION`, lowered for big models);
@@ -422,7 +430,7 @@ def train_many(
     def sequential(i: int) -> dict:
         return trainer.train(model_cfg, split, losses.build(specs[i]), recipe, seeds[i],
                              steps=steps, abort=abort, device=device,
-                             evaluate_test=evaluate_test)
+                             evaluate_test=evaluate_test, keep_model=keep_models)
 
     results: list[dict | None] = [None] * len(specs)
     groups: dict[str, list[int]] = {}
@@ -458,7 +466,7 @@ def train_many(
             out = train_population(
                 model_cfg, split, [losses.build(specs[i]) for i in chunk], recipe,
                 [seeds[i] for i in chunk], steps=steps, abort=abort, device=device,
-                evaluate_test=evaluate_test,
+                evaluate_test=evaluate_test, keep_models=keep_models,
             )
             for i, r in zip(chunk, out, strict=True):
                 results[i] = r

@@ -78,8 +78,11 @@ def train(
     abort: dict | None = None,
     device: torch.device | None = None,
     evaluate_test: bool = True,
+    keep_model: bool = False,
 ) -> dict:
     """Train one model from scratch; return status, accuracies and where it stopped.
+
+    ``keep_model``: a successful result also holds the final weights (``state_dict``, CPU).
 
     ``recipe`` holds lr, momentum, weight_decay, nesterov, batch_size, steps, milestones, gamma.
     ``steps`` overrides the recipe's budget (partial training); the schedule's milestones are
@@ -131,4 +134,6 @@ def train(
     result["final_loss"] = value
     result["val_accuracy"] = accuracy(model, split.x_val, split.y_val)
     result["test_accuracy"] = accuracy(model, split.x_test, split.y_test) if evaluate_test else None
+    if keep_model:
+        result["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return result
