@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from lossevo import models
 from lossevo.errors import LossevoError
-from lossevo.io import atomic_write
+from lossevo.io import write_bytes
 
 FORMAT = "lossevo-checkpoint-v1"
 
@@ -38,7 +39,15 @@ def save(path: str | Path, *, model_cfg: dict, input_shape: list[int], n_classes
     payload = {"format": FORMAT, "model": model_cfg, "input_shape": list(input_shape),
                "n_classes": n_classes, "spec": spec, "recipe": recipe, "data": data_digest,
                "seeds": list(seeds), "states": states}
-    return atomic_write(path, lambda p: torch.save(payload, p))
+    return write_torch(path, payload)
+
+
+def write_torch(path: str | Path, obj) -> Path:
+    """``torch.save`` with stable bytes, atomically: torch names the archive inside the file after
+    the file it writes to, so saving straight to a temporary file would make every save differ."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return write_bytes(path, buf.getvalue())
 
 
 def load(path: str | Path, data_digest: str | None = None) -> dict:

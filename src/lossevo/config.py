@@ -339,6 +339,10 @@ class Experiment:
     def retrain_path(self, loss: str) -> Path:
         return self.root / "retrain" / f"{loss}.json"
 
+    def model_path(self, loss: str) -> Path:
+        """The retrained networks of a loss (every seed), a DVC-cached checkpoint."""
+        return self.root / "retrain" / f"{loss}.pt"
+
     @property
     def stats_dir(self) -> Path:
         return self.root / "stats"

@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from lossevo import checkpoint, parallel
 from lossevo import data as data_mod
-from lossevo import parallel
 from lossevo.config import Experiment
 from lossevo.errors import LossevoError
 from lossevo.io import read_json, write_json
@@ -44,10 +44,15 @@ def retrain(exp: Experiment, loss: str, device=None) -> Path:
     run_seeds = seeds(exp)
     t0 = time.perf_counter()
     results = train_many(exp.cfg["model"], split, [spec] * len(run_seeds), exp.cfg["training"],
-                         run_seeds, device=device)
+                         run_seeds, device=device, keep_models=True)
     # The wall time is a log, not a result: retrain/<loss>.json must hash the same on a rerun.
     write_json(exp.root / "logs" / "retrain" / f"{loss}.timing.json",
                {"seconds": time.perf_counter() - t0, "device": str(device)})
+    # The trained networks, for the evaluation stages (FGSM, basins, weight statistics).
+    checkpoint.save(exp.model_path(loss), model_cfg=exp.cfg["model"], input_shape=list(split.input_shape),
+                    n_classes=split.n_classes, spec=spec, recipe=exp.cfg["training"],
+                    data_digest=checkpoint.file_digest(exp.data_path), seeds=run_seeds,
+                    states=[r.get("state_dict") if r["status"] == "ok" else None for r in results])
     return write_json(exp.retrain_path(loss), {
         "loss": loss,
         "spec": spec,

@@ -150,9 +150,9 @@ def load(cfg: dict) -> Split:
 
 def save(split: Split, path: str | Path) -> None:
     """Write a split as one torch file (atomically)."""
-    from lossevo.io import atomic_write
+    from lossevo.checkpoint import write_torch
 
-    atomic_write(path, lambda p: torch.save(vars(split), p))
+    write_torch(path, vars(split))
 
 
 def load_prepared(path: str | Path) -> Split:

@@ -40,14 +40,18 @@ BASE_COLUMNS = ("generation", "best_fitness", "mean_fitness", "std_fitness", "re
                 "retried", "evaluated", "evaluations_so_far", "trainings_so_far")
 
 
+#: The library code a search's numbers depend on (the search stage's code deps in dvc.yaml).
+SEARCH_CODE = ("search/", "losses/", "training/", "models/", "data/", "determinism.py")
+
+
 @functools.cache
 def code_digest() -> str:
-    """Hash of the library code a search's numbers depend on (everything but the report)."""
+    """Hash of the library code a search's numbers depend on (:data:`SEARCH_CODE`)."""
     pkg = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for path in sorted(pkg.rglob("*.py")):
         rel = path.relative_to(pkg).as_posix()
-        if not rel.startswith("report/"):
+        if rel.startswith(SEARCH_CODE):
             h.update(rel.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
