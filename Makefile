@@ -12,7 +12,7 @@ QUIET_PIP := { grep -v "^WARNING: Location" || true; }
 
 $(BIN)/lossevo: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install $(PIP_FLAGS) -c requirements/constraints.txt -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install $(PIP_FLAGS) -c requirements/constraints.txt -e '.[dev,slurm]' 2>&1 | $(QUIET_PIP)
 	touch $(BIN)/lossevo
 
 setup: $(BIN)/lossevo  ## virtual environment with lossevo and its dependencies

@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lossevo import determinism
+
+# The CLI's default determinism settings, before any test module imports torch or numpy: the
+# in-process tests then compute what the CLI subprocesses compute (many tests compare the two).
+determinism.apply(determinism.DEFAULT_MODE)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

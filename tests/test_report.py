@@ -15,7 +15,7 @@ import pytest
 
 from lossevo import config, data, report, retrain
 from lossevo.errors import LossevoError
-from lossevo.evaluate import stats
+from lossevo.evaluate import analyses, stats, sweeps
 from lossevo.io import read_json
 from lossevo.report import figures
 from lossevo.search import engine
@@ -60,6 +60,12 @@ def built(tmp_path_factory):
     for loss in exp.loss_names():
         retrain.retrain(exp, loss)
     stats.write(exp)
+    analyses.fgsm(exp)
+    analyses.basin_curves(exp)
+    analyses.weight_statistics(exp)
+    sweeps.data_sweep(exp)
+    sweeps.lr_sweep(exp)
+    sweeps.taylor_ce(exp)
     return exp, report.build(exp)
 
 
@@ -84,7 +90,9 @@ def test_build_writes_report_and_figures(built):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     expected = {"figures/retrain_accuracy.png", "figures/loss_shapes.png",
                 "figures/search_plain.png", "figures/search_inv.png",
-                "figures/generation_shapes_plain.png", "figures/generation_shapes_inv.png"}
+                "figures/generation_shapes_plain.png", "figures/generation_shapes_inv.png",
+                "figures/fgsm.png", "figures/basins.png", "figures/basins_2d.png", "figures/weights.png",
+                "figures/data_sweep.png", "figures/lr_sweep.png", "figures/taylor_ce.png"}
     assert set(links) == expected
     for link in links:
         png = exp.report_dir / link
@@ -184,4 +192,43 @@ def test_stale_stats_and_missing_retrain_are_errors(built, tmp_path):
         report.build(exp)
     path.unlink()
     with pytest.raises(LossevoError, match=r"retrain/ls\.json: not found"):
+        report.build(exp)
+
+
+def test_html_report_is_self_contained(built):
+    exp, path = built
+    page = (exp.report_dir / "report.html").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", path.read_text())
+    assert page.startswith("<!DOCTYPE html>") and "<table>" in page
+    assert page.count('src="data:image/png;base64,') == len(links) > 0
+    assert ".png\"" not in page  # every figure is inlined, none is linked
+
+
+def test_report_has_the_sweep_sections_and_metrics(built):
+    exp, path = built
+    text = path.read_text()
+    for section in ["## Reduced training data", "## Learning-rate sensitivity",
+                    "## Taylor approximations of cross-entropy"]:
+        assert section in text
+    assert "Is the gain more than a better effective step size?" in text
+    assert "dissertation Table 5.2" in text.replace("Dissertation", "dissertation")
+    m = _no_nan((exp.root / "metrics.json").read_text())
+    d = read_json(exp.root / "eval" / "data_sweep.json")
+    assert set(m["data_sweep"]) == set(exp.loss_names()) == set(d["losses"])
+    assert m["data_sweep"]["ls"]["frac_0.25"] == pytest.approx(d["per_fraction"][0]["summary"]["ls"]["mean"])
+    assert len(m["lr_sweep"]["baseline"]) == 5 and m["lr_sweep"]["best_lr"] in {
+        g["lr"] for g in read_json(exp.root / "eval" / "lr_sweep.json")["grid"]}
+    assert set(m["taylor_ce"]) == {"k2", "k3", "k4", "k5"}
+
+
+def test_stale_sweep_is_an_error(built, tmp_path):
+    exp = _copy(built[0], tmp_path)
+    path = exp.root / "eval" / "lr_sweep.json"
+    rec = read_json(path)
+    del rec["others"]["ls"]
+    path.write_text(json.dumps(rec))
+    with pytest.raises(LossevoError, match=r"lr_sweep\.json: .*rerun `lossevo lr-sweep`"):
+        report.build(exp)
+    path.unlink()
+    with pytest.raises(LossevoError, match=r"lr_sweep\.json: not found"):
         report.build(exp)

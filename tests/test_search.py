@@ -150,3 +150,26 @@ def test_snakemake_with_two_cores_runs_two_shards_at_once(tmp_path):
     (a0, a1), (b0, b1) = ((s["started"], s["started"] + s["seconds"]) for s in spans)
     assert max(a0, b0) < min(a1, b1), f"shards ran one after the other: {spans[0]['seconds']:.2f}s, " \
         f"{spans[1]['seconds']:.2f}s"
+
+
+def test_adversarial_fitness_is_fgsm_validation_accuracy(split):
+    """fitness kind fgsm: the score is the validation accuracy under FGSM, the clean one is kept."""
+    recipe = {"lr": 0.1, "batch_size": 32, "steps": 200}
+    specs = [(0, {"kind": "cross_entropy"}), (1, {"kind": "baikal"})]
+    model = {"name": "mlp", "hidden": [32]}
+    clean = evaluate.evaluate(specs, split, model, recipe, 200, [5], None, torch.device("cpu"))
+    fit = {"kind": "fgsm", "epsilon": 0.1, "attack_loss": "cross_entropy", "dataset": "digits"}
+    adv = evaluate.evaluate(specs, split, model, recipe, 200, [5], None, torch.device("cpu"), fit)
+    for c, a in zip(clean, adv):
+        assert a["attempts"][0]["val_accuracy_clean"] == c["fitness"]
+        assert a["fitness"] < c["fitness"]
+        assert "state_dict" not in a["attempts"][0]
+    from lossevo import losses
+    from lossevo.evaluate import adversarial
+    from lossevo.training import trainer
+
+    rec = trainer.train(model, split, losses.build(specs[0][1]), recipe, 5, keep_model=True)
+    net = trainer.init_model(model, split, 0, torch.device("cpu"))
+    net.load_state_dict(rec["state_dict"])
+    mean, std = adversarial.pixel_stats("digits")
+    assert adv[0]["fitness"] == adversarial.fgsm_accuracy(net, split.x_val, split.y_val, [0.1], mean, std)[0]

@@ -2,6 +2,10 @@
 
 Every stage reads params.yaml (``--params``) and an experiment name (``-e``, default: the one
 params.yaml selects). Errors print one line ``lossevo: error: ...`` and exit with status 2.
+
+Before anything imports torch or numpy, :func:`main` applies params.yaml's ``determinism`` mode
+(:mod:`lossevo.determinism`): the libraries read those settings once, when they load. So this
+module imports neither at the top, and every stage imports its library code inside its command.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import os
 import sys
 import time
 
-from lossevo import __version__
+from lossevo import __version__, determinism
 from lossevo.errors import LossevoError
 
 
@@ -104,6 +108,32 @@ def cmd_stats(args) -> None:
     print(stats.markdown(df, exp.cfg["stats"]["baseline"]), end="")
 
 
+def _analysis(name: str):
+    """A subcommand running one evaluation stage over the retrained networks."""
+
+    def cmd(args) -> None:
+        from lossevo.evaluate import analyses
+
+        func = {"fgsm": analyses.fgsm, "basins": analyses.basin_curves,
+                "weights": analyses.weight_statistics}[name]
+        print(f"[{name}] -> {func(_experiment(args))}")
+
+    return cmd
+
+
+def _sweep(name: str):
+    """A subcommand running one sweep stage (new trainings with the retraining recipe)."""
+
+    def cmd(args) -> None:
+        from lossevo.evaluate import sweeps
+
+        t0 = time.perf_counter()
+        path = getattr(sweeps, name)(_experiment(args), workers=args.workers or os.cpu_count() or 1)
+        print(f"[{name}] -> {path} ({time.perf_counter() - t0:.1f}s)")
+
+    return cmd
+
+
 def cmd_report(args) -> None:
     from lossevo import report
 
@@ -146,14 +176,40 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-l", "--loss", nargs="+", default=["all"], help="loss names (default: all)")
     r.add_argument("--workers", type=int, default=0, help="parallel workers (default: min(cores, losses))")
     add("stats", cmd_stats, "one-tailed Welch t-tests against the baseline loss")
+    add("fgsm", _analysis("fgsm"), "test accuracy of the retrained networks under FGSM, per epsilon")
+    add("basins", _analysis("basins"), "accuracy basins along filter-normalised random directions")
+    add("weights", _analysis("weights"), "weight statistics: L2 norm, mean, histograms, Laplace vs Gaussian")
+    for name, help in [
+        ("data_sweep", "retrain the losses on stratified fractions of the training data"),
+        ("lr_sweep", "the baseline over a grid of learning rates vs the other losses"),
+        ("taylor_ce", "train Taylor approximations of cross-entropy of several orders"),
+    ]:
+        sp = add(name.replace("_", "-"), _sweep(name), help)
+        sp.add_argument("--workers", type=int, default=0, help="parallel workers (default: cores)")
     add("report", cmd_report, "figures, Markdown report and metrics.json")
     return p
 
 
+def _pin_hash_seed() -> None:
+    """Run the command under PYTHONHASHSEED=0 (re-executing once, before anything heavy loads).
+
+    Python salts ``hash()`` of bytes per process; pycma keys its solution archives that way, so
+    without a fixed seed the same search pickles different bytes on every run (and DVC would see
+    its outputs change). Spawned workers and child commands inherit the setting.
+    """
+    if os.environ.get("PYTHONHASHSEED") == "0":
+        return
+    os.environ["PYTHONHASHSEED"] = "0"
+    os.execv(sys.executable, [sys.executable, "-m", "lossevo.cli", *sys.argv[1:]])
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console script (not a call from Python): pin the hash seed first
+        _pin_hash_seed()
     p = parser()
     args = p.parse_args(argv)
     try:
+        determinism.apply(determinism.read_mode(args.params))  # before torch and numpy load
         if args.command not in ("validate", "show-experiment"):
             import torch
 

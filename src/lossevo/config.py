@@ -328,6 +328,12 @@ class Experiment:
     cfg: dict
     root: Path
     threads: int = 1
+    determinism: str = "portable"
+
+    @property
+    def numerics(self) -> dict:
+        """The settings that change a run's floating-point results besides its parameters."""
+        return {"determinism": self.determinism, "threads": self.threads}
 
     @property
     def data_path(self) -> Path:
@@ -368,4 +374,5 @@ def experiment(params: dict, name: str | None = None) -> Experiment:
     if name not in params["experiments"]:
         raise LossevoError(f"experiment {name!r} is not in params (have {sorted(params['experiments'])})")
     root = Path(params["results_dir"]) / name
-    return Experiment(name, params["experiments"][name], root, params["threads"])
+    return Experiment(name, params["experiments"][name], root, params["threads"],
+                      params.get("determinism", "portable"))

@@ -9,14 +9,33 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
+#: Why this worker must not compute (its determinism check failed), raised by every job.
+_worker_error: list[Exception] = []
+
 
 def _init_worker(threads: int) -> None:
+    """Set the worker's torch threads and check that it runs the parent's determinism settings.
+
+    A spawned worker inherits the parent's environment, so the settings of
+    :func:`lossevo.determinism.apply` reach torch before it loads here; the check makes a
+    worker that somehow runs other kernels an error rather than other numbers. The error is
+    raised by the worker's jobs, in the parent: a pool whose initializer raises respawns its
+    workers forever.
+    """
     import torch
 
+    from lossevo import determinism
+
     torch.set_num_threads(threads)
+    try:
+        determinism.verify()
+    except determinism.DeterminismError as exc:
+        _worker_error.append(exc)
 
 
 def _call(job: tuple) -> object:
+    if _worker_error:
+        raise _worker_error[0]
     func, args = job
     return func(*args)
 

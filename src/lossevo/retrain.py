@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lossevo import checkpoint, parallel
+from lossevo import checkpoint, environment, parallel
 from lossevo import data as data_mod
 from lossevo.config import Experiment
 from lossevo.errors import LossevoError
@@ -53,6 +53,9 @@ def retrain(exp: Experiment, loss: str, device=None) -> Path:
                     n_classes=split.n_classes, spec=spec, recipe=exp.cfg["training"],
                     data_digest=checkpoint.file_digest(exp.data_path), seeds=run_seeds,
                     states=[r.get("state_dict") if r["status"] == "ok" else None for r in results])
+    # What produced the directory: every retraining process of the stage writes the same record
+    # (atomically), so concurrent Snakemake jobs and pool workers may race harmlessly.
+    write_json(environment.stage_paths(exp)["retrain"], environment.record(device))
     return write_json(exp.retrain_path(loss), {
         "loss": loss,
         "spec": spec,

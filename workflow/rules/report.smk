@@ -2,6 +2,8 @@ rule report:
     input:
         f"{ROOT}/stats/welch.csv",
         expand(f"{ROOT}/search/{{search}}/best.json", search=SEARCHES),
+        expand(f"{ROOT}/eval/{{name}}.json", name=["fgsm", "basins", "weights"]),
+        expand(f"{ROOT}/eval/{{name}}.json", name=["data_sweep", "lr_sweep", "taylor_ce"]),
     output:
         report=REPORT,
         metrics=METRICS,

@@ -3,12 +3,15 @@
 :func:`build` reads what the earlier stages wrote (prepared data, search directories, retrain
 JSONs, stats/welch.csv), checks that they belong together (a stale stats table or search is an
 error, not a silently wrong report), draws the figures (:mod:`lossevo.report.figures`) and
-writes the Markdown report and the flat ``metrics.json`` that ``dvc metrics show`` reads.
-Every number in the report is computed from those files; nothing is hard-coded.
+writes the Markdown report and the flat ``metrics.json`` that ``dvc metrics show`` reads, and
+``environment.json``, the stages' environment records (:mod:`lossevo.environment`).
+Every number in the report is computed from those files; nothing is hard-coded but the
+measured native-mode spread the Environment section quotes (``determinism.NATIVE_SPREAD``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import numpy as np
 from lossevo.config import Experiment
 from lossevo.errors import LossevoError
 from lossevo.io import read_json, write_json, write_text
-from lossevo.report import figures
+from lossevo.report import evaluation, figures, html, sweeps
 from lossevo.search import engine
 
 CE_SPEC = {"kind": "cross_entropy"}
@@ -154,7 +157,8 @@ def _finite(x):
     return x
 
 
-def metrics(records: dict[str, dict], welch, searches: dict[str, dict]) -> dict:
+def metrics(records: dict[str, dict], welch, searches: dict[str, dict], ev: dict | None = None,
+            sw: dict | None = None) -> dict:
     """The flat metrics ``dvc metrics show`` prints (no NaN: missing values are null)."""
     p = dict(zip(welch["loss"], welch["p"]))
     retrain = {}
@@ -172,13 +176,15 @@ def metrics(records: dict[str, dict], welch, searches: dict[str, dict]) -> dict:
             "cached": info["cached"],
             "final_val_acc": fp["full_val_mean"] if fp else None,
         }
-    return _finite({"retrain": retrain, "search": search})
+    return _finite({"retrain": retrain, "search": search, **(evaluation.metrics(ev) if ev else {}),
+                    **(sweeps.metrics(sw) if sw else {})})
 
 
 # --------------------------------------------------------------------------- figures
 
 
-def draw(exp: Experiment, records: dict, searches: dict, n_classes: int) -> dict[str, Path]:
+def draw(exp: Experiment, records: dict, searches: dict, n_classes: int,
+         ev: dict | None = None, sw: dict | None = None) -> dict[str, Path]:
     """Write every figure under report/figures; return {key: path}. Stale PNGs are removed."""
     fdir = exp.report_dir / "figures"
     out: dict[str, Path] = {}
@@ -205,6 +211,10 @@ def draw(exp: Experiment, records: dict, searches: dict, n_classes: int) -> dict
     out["retrain"] = figures.plot_retrain(figures.retrain_accuracies(records),
                                           exp.cfg["stats"]["baseline"],
                                           fdir / "retrain_accuracy.png")
+    if ev is not None:
+        out.update({f"eval:{k}": v for k, v in evaluation.draw(ev, fdir).items()})
+    if sw is not None:
+        out.update({f"sweep:{k}": v for k, v in sweeps.draw(sw, fdir).items()})
     keep = {p.name for p in out.values()}
     for old in fdir.glob("*.png"):
         if old.name not in keep:
@@ -266,7 +276,7 @@ def _settings_section(exp: Experiment, split: dict, searches: dict) -> list[str]
         keys = ["method", "order", "variables", "convention", "leaves", "class_reduction", "sigma",
                 "popsize", "generations", "partial_steps", "invariant", "cma_active", "elites",
                 "crossover", "mutation", "max_depth_init", "max_height", "init_require_leaves",
-                "coefficients", "seed", "shards", "attempts", "abort", "final_selection"]
+                "coefficients", "fitness", "seed", "shards", "attempts", "abort", "final_selection"]
         keys = [k for k in keys if any(k in info["settings"] for info in searches.values())]
         lines += ["", "Search settings:", ""]
         lines += _table(["setting", *searches],
@@ -460,9 +470,76 @@ def _trees_section(searches: dict) -> list[str]:
     return lines
 
 
+def environments(exp: Experiment) -> dict[str, dict | None]:
+    """The stages' environment records keyed by stage (None: not recorded), and the report's own."""
+    from lossevo import environment
+    from lossevo.training import trainer
+
+    out: dict[str, dict | None] = {stage: read_json(path) if path.exists() else None
+                                   for stage, path in environment.stage_paths(exp).items()}
+    out["report"] = environment.record(trainer.resolve_device(exp.cfg["device"]))
+    return out
+
+
+def _environment_rows(rec: dict) -> dict[str, str]:
+    """One stage's record as the report's table rows."""
+    lv, cuda, cpu, det = rec["lossevo"], rec["cuda"], rec["cpu"], rec["determinism"]
+    commit = lv["commit"][:12] + (" with uncommitted changes" if lv.get("dirty") else "")
+    blas = rec.get("numpy_blas") or {}
+    threads = rec["threads"]
+    mode = det["mode"] + (f" (fell back: {det['fallback']})" if det.get("fallback") else "")
+    return {
+        "lossevo": f"{lv['version']}, commit {commit}",
+        "Python / torch / numpy": f"{rec['python']} / {rec['torch']} / {rec['packages'].get('numpy')}",
+        "CUDA / cuDNN": f"{cuda['build'] or 'none'} ({'available' if cuda['available'] else 'no GPU'}) / "
+                        f"{cuda['cudnn'] or '–'}",
+        "MKL / oneDNN / numpy's BLAS": f"{rec['mkl'] or '–'} / {rec['onednn'] or '–'} / "
+                                       f"{blas.get('library', '–')} {blas.get('version', '')}".rstrip(),
+        "CPU": cpu["model"],
+        "GPU / device": f"{rec['gpu'] or 'none'} / {rec['device']}",
+        "threads": f"torch {threads['torch']}, MKL {threads['mkl']}, OpenMP {threads['openmp']}, "
+                   f"OpenBLAS {blas.get('threads', '–')}",
+        "determinism": f"{mode}: ATen {cpu['aten_capability']} kernels, MKL branch {det['mkl_cbwr']}, "
+                       f"OpenBLAS {blas.get('architecture', '–')}, numpy SIMD "
+                       f"{', '.join(rec.get('numpy_simd') or []) or '–'}",
+    }
+
+
+def _environment_section(envs: dict[str, dict | None]) -> list[str]:
+    """What produced the results (one column, or one per stage where they differ) and how far
+    results may move where the portable settings cannot run."""
+    from lossevo import determinism
+
+    rows = {stage: _environment_rows(rec) for stage, rec in envs.items() if rec}
+    groups: dict[str, list[str]] = {}  # one column per distinct environment
+    for stage, r in rows.items():
+        groups.setdefault(json.dumps(r, sort_keys=True), []).append(stage)
+    header = [", ".join(stages) for stages in groups.values()]
+    first = [rows[stages[0]] for stages in groups.values()]
+    lines = ["## Environment", "", "What produced these results (every stage's record is in "
+             "`environment.json`):", ""]
+    lines += _table(["", *header], [[k, *(r[k] for r in first)] for k in first[0]])
+    missing = [stage for stage, rec in envs.items() if not rec]
+    if missing:
+        lines += ["", f"Not recorded (written before environment records): {', '.join(missing)}."]
+    sp = determinism.NATIVE_SPREAD
+    a, b = sp["search_retrained_mean_test_acc"]
+    lines += ["", "With `determinism: portable` the same seed gives byte-identical results on any x86-64 "
+              "CPU with AVX2 and the same library versions; where the portable settings cannot run (a CPU "
+              "without AVX2, another architecture, `determinism: native`, a GPU), results are not "
+              "bit-identical: measured on the demo in native mode across ATen kernel sets and MKL "
+              f"branches, retraining a fixed loss moved its mean test accuracy by up to "
+              f"{sp['fixed_loss_mean_test_acc']:.4f} (a single seed by {sp['fixed_loss_seed_test_acc']:.3f}, "
+              f"one test example), but a search can take another path and pick another loss (the demo's "
+              f"`{sp['search']}`: another θ, retrained mean test accuracy {a:.4f} vs {b:.4f})."]
+    return lines
+
+
 def markdown(exp: Experiment, split: dict, records: dict, welch, searches: dict,
-             figs: dict[str, Path]) -> str:
-    """The whole report as Markdown (figures linked relative to report.md)."""
+             figs: dict[str, Path], ev: dict | None = None, envs: dict | None = None,
+             sw: dict | None = None) -> str:
+    """The whole report as Markdown (figures linked relative to report.md); ``envs``: the
+    stages' environment records (default: :func:`environments`)."""
     from lossevo import __version__
     from lossevo.evaluate import stats
 
@@ -495,7 +572,14 @@ def markdown(exp: Experiment, split: dict, records: dict, welch, searches: dict,
     for name in searches:
         lines += [f"Each generation's best candidate in `{name}` (colour = generation):", "",
                   f"![generation shapes {name}]({_rel(figs[f'generations:{name}'], base)})", ""]
+    if ev is not None:
+        lines += evaluation.sections(ev, {k.split(":", 1)[1]: v for k, v in figs.items()
+                                          if k.startswith("eval:")}, lambda p: _rel(p, base))
+    if sw is not None:
+        lines += sweeps.sections(sw, {k.split(":", 1)[1]: v for k, v in figs.items()
+                                      if k.startswith("sweep:")}, lambda p: _rel(p, base))
     lines += _trees_section(searches)
+    lines += _environment_section(envs if envs is not None else environments(exp)) + [""]
     lines += _caveats(exp, split, records, welch, searches, n_classes)
     return "\n".join(lines) + "\n"
 
@@ -519,8 +603,14 @@ def build(exp: Experiment) -> Path:
     records = retrain_records(exp)
     welch = welch_table(exp, records)
     searches = {name: search_info(exp, name, records) for name in exp.cfg["search"]}
-    figs = draw(exp, records, searches, split["classes"])
-    write_json(exp.root / "metrics.json", metrics(records, welch, searches))
+    ev = evaluation.load(exp)
+    sw = sweeps.load(exp)
+    figs = draw(exp, records, searches, split["classes"], ev, sw)
+    write_json(exp.root / "metrics.json", metrics(records, welch, searches, ev, sw))
+    envs = environments(exp)
+    write_json(exp.root / "environment.json", envs)
     plot_tables(exp, records, searches)
-    return write_text(exp.report_dir / "report.md",
-                      markdown(exp, split, records, welch, searches, figs))
+    path = write_text(exp.report_dir / "report.md",
+                      markdown(exp, split, records, welch, searches, figs, ev, envs, sw))
+    html.write(path, f"lossevo report: {exp.name}")
+    return path

@@ -60,7 +60,7 @@ def fingerprint(exp: Experiment, name: str) -> dict:
     """Everything a search's results depend on (settings and code); a mismatch means stale state."""
     cfg = exp.cfg
     keys = {"search": cfg["search"][name], "data": cfg["data"], "model": cfg["model"],
-            "training": cfg["training"]}
+            "training": cfg["training"], "device": cfg["device"], "numerics": exp.numerics}
     digest = hashlib.sha256(json.dumps([keys, code_digest()], sort_keys=True).encode()).hexdigest()[:16]
     return {"experiment": exp.name, "search": name, "digest": digest, "settings": keys,
             "code": code_digest()}
@@ -190,7 +190,8 @@ def evaluate_shard(exp: Experiment, name: str, g: int, s: int, device=None) -> P
     if todo:
         split = data_mod.load_prepared(exp.data_path).to(device)
         done = evaluate.evaluate(todo, split, exp.cfg["model"], exp.cfg["training"], scfg["partial_steps"],
-                                 gen["train_seeds"], scfg["abort"], device)
+                                 gen["train_seeds"], scfg["abort"], device,
+                                 fitness_settings(exp, name))
     done += [evaluate.untrained(c) for c in cands if "status" in c]
     # Wall-clock span of the training (lets a user see shards running side by side): a log,
     # not state, so that the search directory hashes the same on a rerun.
@@ -200,6 +201,11 @@ def evaluate_shard(exp: Experiment, name: str, g: int, s: int, device=None) -> P
         "generation": g, "shard": s, "device": str(device),
         "results": sorted(done, key=lambda r: r["index"]),
     })
+
+
+def fitness_settings(exp: Experiment, name: str) -> dict:
+    """A search's fitness settings with what scoring needs from the experiment (the dataset)."""
+    return dict(exp.search_cfg(name)["fitness"], dataset=exp.cfg["data"]["dataset"])
 
 
 def timing_path(exp: Experiment, name: str, g: int, s: int) -> Path:
@@ -269,6 +275,9 @@ def _finalize(exp: Experiment, name: str, device=None) -> dict:
         **method.describe_best(chosen),
     }
     write_json(root / "best.json", best)
+    from lossevo import environment  # what produced this directory (no timings, dates or hosts)
+
+    write_json(root / environment.FILE, environment.record(device or trainer.resolve_device(exp.cfg["device"])))
     return best
 
 
@@ -289,7 +298,8 @@ def final_selection(exp: Experiment, name: str, pool: list[dict], device=None) -
     seeds = [evaluate.attempt_seed(scfg["seed"], 10**6, k) for k in range(fs["seeds"])]
     top = pool[: fs["top_k"]]
     runs = evaluate.repeated([(i, c["spec"]) for i, c in enumerate(top)], split, exp.cfg["model"],
-                             exp.cfg["training"], steps, seeds, device)
+                             exp.cfg["training"], steps, seeds, device,
+                             fitness_settings(exp, name))
     rows = []
     for c, accs in zip(top, runs):
         finite = [a for a in accs if a is not None]

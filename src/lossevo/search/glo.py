@@ -23,7 +23,7 @@ import numpy as np
 from lossevo.errors import LossevoError
 from lossevo.losses import tree as trees
 from lossevo.search import glo_ops
-from lossevo.search.taylorglo import new_cma
+from lossevo.search.taylorglo import new_cma, rekey, scrub_clock
 
 #: Multiplicative nodes: a child's coefficient passes straight through into the node's own.
 _PRODUCTS = ("mul", "div")
@@ -97,6 +97,16 @@ class GLO:
         self.free: list[bool] | None = None
         self.unit_fitness: float | None = None  # the unit-coefficient candidate of phase 2
         self.phase = "trees"
+
+    def __getstate__(self) -> dict:
+        if self.es is not None:
+            scrub_clock(self.es)
+        return self.__dict__
+
+    def __setstate__(self, st: dict) -> None:
+        self.__dict__.update(st)
+        if self.es is not None:
+            rekey(self.es)
 
     @staticmethod
     def generations(scfg: dict) -> int:

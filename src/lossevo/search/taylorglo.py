@@ -39,6 +39,46 @@ def new_cma(x0: np.ndarray, sigma: float, popsize: int, seed: int, active: bool,
     return cma.CMAEvolutionStrategy(np.asarray(x0, dtype=float), sigma, opts)
 
 
+def scrub_clock(es) -> None:
+    """Zero pycma's wall-clock bookkeeping (its and its logger's timers) before pickling, so
+    that a checkpoint depends on the search alone and reruns write identical bytes; nothing the
+    strategy computes reads them (we call neither ``stop`` with a timeout nor ``disp``)."""
+    from cma.utilities.utils import ElapsedWCTime
+
+    holders = [es, getattr(es, "logger", None)]
+    for holder in filter(None, holders):
+        for timer in vars(holder).values():
+            if isinstance(timer, ElapsedWCTime):
+                for key in ("cum_time", "paused", "last_tic", "_last_toc", "_time_at_reset",
+                            "_time_at_creation"):
+                    if hasattr(timer, key):
+                        setattr(timer, key, 0)
+    if hasattr(es, "time_last_displayed"):
+        es.time_last_displayed = 0
+
+
+def rekey(es) -> None:
+    """Re-hash pycma's solution archives after unpickling in another process.
+
+    pycma keys them by ``hash(x.tobytes())``, which Python salts per process (PYTHONHASHSEED), so
+    after a resume in a new process ``tell`` would find none of the solutions it asked for and
+    treat them as foreign (repairing them as unknown points). Rebuilding the keys with this
+    process's hash keeps a resumed search identical to an uninterrupted one.
+    """
+    for name in ("sent_solutions", "_injected_solutions_archive", "archive"):
+        sd = getattr(es, name, None)
+        if sd is None or not hasattr(sd, "_unhashed_keys") or not hasattr(sd, "data"):
+            continue
+        data, unhashed = dict(sd.data), dict(sd._unhashed_keys)
+        sd.data.clear()
+        sd._unhashed_keys.clear()
+        for old, x in unhashed.items():
+            if old in data:
+                new = sd.key(x)
+                sd.data[new] = data[old]
+                sd._unhashed_keys[new] = x
+
+
 def dimension(scfg: dict) -> int:
     return taylor.n_params(scfg["order"], scfg["variables"])
 
@@ -69,6 +109,14 @@ class TaylorGLO:
     @staticmethod
     def selectable(scfg: dict, g: int) -> bool:
         return True
+
+    def __getstate__(self) -> dict:
+        scrub_clock(self.es)
+        return self.__dict__
+
+    def __setstate__(self, st: dict) -> None:
+        self.__dict__.update(st)
+        rekey(self.es)
 
     def ask(self, g: int, ctx) -> list[dict]:
         out = []
