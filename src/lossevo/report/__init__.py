@@ -21,6 +21,7 @@ from lossevo.config import Experiment
 from lossevo.errors import LossevoError
 from lossevo.io import read_json, write_json, write_text
 from lossevo.report import evaluation, figures, html, sweeps
+from lossevo.report.evaluation import _table
 from lossevo.search import engine
 
 CE_SPEC = {"kind": "cross_entropy"}
@@ -240,11 +241,6 @@ def _loss_text(spec: dict) -> str:
     from lossevo.losses import describe
 
     return _theta(spec["theta"]) if spec["kind"] == "taylor" else describe(spec)
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
 def _rel(path: Path, base: Path) -> str:
