@@ -48,8 +48,12 @@ def test_mnist_loads_through_torchvision_from_local_root(tmp_path):
     assert (split.y_val == again.y_val).all()
 
 
-@pytest.mark.parametrize("name", ["mnist", "cifar10", "svhn"])
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100", "svhn"])
 def test_missing_dataset_is_a_clear_error(tmp_path, name):
+    root = tmp_path / "nowhere"
     with pytest.raises(LossevoError, match=f"dataset {name}: not found under data.root") as info:
-        data.load({"dataset": name, "root": str(tmp_path / "nowhere"), "split_seed": 0})
-    assert "\n" not in str(info.value)
+        data.load({"dataset": name, "root": str(root), "split_seed": 0})
+    msg = str(info.value)
+    assert "\n" not in msg and repr(str(root)) in msg
+    assert msg.endswith(f"fetch it with: lossevo download {name} --root {root})")
+    assert not root.exists()  # loading never downloads (nor creates the root)

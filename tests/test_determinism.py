@@ -150,3 +150,159 @@ def test_portable_equals_native_avx2_and_differs_from_this_cpus_native_kernels(r
     differing = _differing(portable, own)
     assert set(differing) - records, f"native run under {own_env or 'this CPU'} equals the portable one"
     assert any(k.endswith(".pt") for k in differing), differing  # the trained weights themselves
+
+
+# --- CUDA: the flags torch needs for run-to-run identical GPU results, checkable without a GPU ---
+
+#: aten ops that raise under ``torch.use_deterministic_algorithms(True)`` on CUDA tensors (torch's
+#: documented list; forward or backward, whichever has no deterministic CUDA kernel). Conservative
+#: where only some variants raise (cumsum: floating point; scatter_reduce: prod; median: with
+#: indices; embedding bag: max mode).
+CUDA_NONDETERMINISTIC_OPS = {
+    "avg_pool3d_backward", "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward",
+    "adaptive_max_pool2d_backward", "fractional_max_pool2d_backward", "fractional_max_pool3d_backward",
+    "max_unpool2d", "max_unpool3d", "upsample_linear1d_backward", "upsample_bilinear2d_backward",
+    "upsample_bicubic2d_backward", "upsample_trilinear3d_backward", "_upsample_bilinear2d_aa_backward",
+    "_upsample_bicubic2d_aa_backward", "reflection_pad1d_backward", "reflection_pad2d_backward",
+    "reflection_pad3d_backward", "nll_loss2d_forward", "_ctc_loss_backward", "_embedding_bag_backward",
+    "_embedding_bag_dense_backward", "put_", "put", "histc", "bincount", "median", "nanmedian", "kthvalue",
+    "grid_sampler_2d_backward", "grid_sampler_3d_backward", "cumsum", "cumsum_", "scatter_reduce",
+    "scatter_reduce_", "index_reduce", "index_reduce_",
+}
+
+
+@pytest.fixture
+def torch_flags_restored(monkeypatch):
+    """torch's flags and the CUDA/determinism variables as they were, after the test."""
+    for key in ("CUBLAS_WORKSPACE_CONFIG", determinism.ENV_MODE, determinism.ENV_FALLBACK, *determinism.PORTABLE_ENV):
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    before = determinism.torch_flags()
+    yield
+    determinism.set_torch_flags(before)
+    assert determinism.torch_flags() == before
+
+
+def test_cuda_settings_are_the_ones_pytorch_documents_for_reproducibility():
+    portable = determinism.torch_settings("portable")
+    assert portable == {"cudnn_deterministic": True, "cudnn_benchmark": False, "deterministic_algorithms": True,
+                        "deterministic_warn_only": False, "matmul_allow_tf32": False, "cudnn_allow_tf32": False,
+                        "float32_matmul_precision": "highest"}
+    native = determinism.torch_settings("native")
+    assert native["cudnn_benchmark"] and native["matmul_allow_tf32"] and native["cudnn_allow_tf32"]
+    assert not native["deterministic_algorithms"] and not native["cudnn_deterministic"]
+    assert set(native) == set(portable)
+    assert determinism.CUDA_ENV == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    with pytest.raises(determinism.LossevoError, match="not one of"):
+        determinism.torch_settings("fast")
+    doc = determinism.__doc__
+    assert "not across GPU models" in doc and "same GPU model" in doc
+
+
+def test_configure_torch_sets_the_flags_on_cuda_only_and_reads_them_back(torch_flags_restored, monkeypatch):
+    import torch
+
+    before = determinism.torch_flags()
+    assert determinism.configure_torch("cpu", "portable") == {}  # the CPU's kernels stay as they are
+    assert determinism.configure_torch(torch.device("cpu")) == {} and determinism.torch_flags() == before
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    # Without a GPU: setting the flags needs no CUDA context, so the CUDA branch runs here as well.
+    assert determinism.configure_torch("cuda", "portable") == determinism.torch_settings("portable")
+    assert determinism.torch_flags() == determinism.torch_settings("portable")
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert determinism.configure_torch("cuda:0", "native") == determinism.torch_settings("native")
+    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+    assert not torch.are_deterministic_algorithms_enabled()
+    # The mode asked for in this process (conftest applied portable) is the default.
+    assert determinism.requested_mode() == "portable"
+    assert determinism.configure_torch("cuda") == determinism.torch_settings("portable")
+    monkeypatch.setenv(determinism.ENV_MODE, "unset")
+    assert determinism.configure_torch("cuda") == {}  # apply() never ran: torch left alone
+    # cuBLAS reads its workspace setting when CUDA starts: too late afterwards.
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(determinism.DeterminismError, match="CUBLAS_WORKSPACE_CONFIG"):
+        determinism.configure_torch("cuda", "portable")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the other deterministic setting is kept
+    assert determinism.configure_torch("cuda", "portable")["deterministic_algorithms"]
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_apply_sets_the_cublas_workspace_for_portable_even_when_the_cpu_part_falls_back(
+        torch_flags_restored, monkeypatch):
+    for key in (determinism.ENV_MODE, determinism.ENV_FALLBACK, *determinism.PORTABLE_ENV):
+        monkeypatch.setenv(key, os.environ.get(key, "x"))  # apply() writes them: restored after the test
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    determinism.apply("native")
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and determinism.requested_mode() == "native"
+    monkeypatch.setattr(determinism, "portable_unavailable", lambda: "the CPU lacks avx2")
+    with pytest.warns(determinism.DeterminismWarning):
+        assert determinism.apply("portable") == {}
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert os.environ[determinism.ENV_MODE] == "native" and determinism.requested_mode() == "portable"
+
+
+def test_describe_adds_the_cuda_flags_only_for_a_cuda_device():
+    cpu = determinism.describe()
+    assert determinism.describe("cpu") == cpu and "cuda" not in cpu
+    cuda = determinism.describe("cuda")
+    assert {k: v for k, v in cuda.items() if k != "cuda"} == cpu
+    assert cuda["cuda"] == {"requested": determinism.requested_mode(),
+                            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                            "torch": determinism.torch_flags()}
+
+
+def test_training_paths_use_no_op_without_a_deterministic_cuda_kernel():
+    """Why ``warn_only`` can stay False: every aten op the trainer and the population path dispatch
+    (forward, backward, SGD update, evaluation) for the papers' model families and every loss kind,
+    recorded on the CPU, has a deterministic CUDA kernel. (On CUDA, convolutions and batch norm
+    dispatch to cuDNN, which ``cudnn.deterministic`` covers; ``AdaptiveAvgPool2d(1)`` is a mean.)"""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lossevo import models
+    from lossevo.data import Split
+    from lossevo.training import population
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def split(shape: tuple[int, ...]) -> Split:
+        g = torch.Generator().manual_seed(0)
+
+        def part():
+            return torch.rand(4, *shape, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+        return Split(*part(), *part(), *part(), 10)
+
+    every_kind = [{"kind": "cross_entropy"}, {"kind": "cross_entropy"}, {"kind": "label_smoothing", "alpha": 0.1},
+                  {"kind": "taylor", "theta": [0.1] * 8}, {"kind": "taylor", "theta": [-0.1] * 8},
+                  {"kind": "baikal"}, {"kind": "tree", "expr": "mul(x, log(y))"}]
+    recipe = {"lr": 0.01, "batch_size": 2, "steps": 2, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True}
+    jobs = [({"name": "mlp", "hidden": [8], "dropout": 0.1}, (1, 8, 8), every_kind),
+            ({"name": "mnist_basic_cnn"}, (1, 28, 28), every_kind[:2])]
+    if "resnet20" in models.MODELS:
+        jobs.append(({"name": "resnet20"}, (3, 32, 32), every_kind[:2]))
+    seen: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a model that falls back to one by one
+        for cfg, shape, specs in jobs:
+            for batched in (True, False):
+                with Ops() as ops:
+                    population.train_many(cfg, split(shape), specs, recipe, [0] * len(specs), steps=2,
+                                          batched=batched)
+                seen |= ops.names
+    assert {"convolution_backward", "nll_loss_forward", "_foreach_add_"} <= seen  # it saw the training
+    assert not seen & CUDA_NONDETERMINISTIC_OPS, sorted(seen & CUDA_NONDETERMINISTIC_OPS)

@@ -162,3 +162,72 @@ def test_stage_paths_match_where_the_stages_write(tiny):
     assert paths["retrain"].parent == exp.retrain_path("cross_entropy").parent
     assert {k for k in paths if k.startswith("search/")} == {f"search/{n}" for n in exp.cfg["search"]}
     assert all(p.parent == exp.search_dir(k.split("/", 1)[1]) for k, p in paths.items() if k != "retrain")
+
+
+# --- the GPU's details on a CUDA device, nothing new on the CPU ---
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_RECORD = ROOT / "results" / "demo" / "environment.json"
+
+
+def _fake_gpu(monkeypatch, name: str = "NVIDIA Test GPU") -> None:
+    """A CUDA device as torch.cuda describes it, without a GPU (and a driver without NVIDIA's files)."""
+    import types
+
+    import torch
+
+    props = types.SimpleNamespace(name=name, total_memory=80 * 2**30, major=9, minor=0, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(environment, "nvidia_driver", lambda: "550.54.15")
+    monkeypatch.setattr(environment, "cuda_driver_api", lambda: "12.4")
+
+
+@needs_portable
+def test_cpu_record_is_what_it_was_the_demos_keys_and_no_gpu_keys():
+    """The demo's environment.json is committed: on the CPU the record keeps its keys (and, on the
+    machine that wrote it, its bytes, the commit aside)."""
+    rec = environment.record("cpu")
+    assert "cuda_device" not in rec and "cuda" not in rec["determinism"]
+    assert rec["gpu"] is None or rec["cuda"]["available"]
+    demo = json.loads(DEMO_RECORD.read_text())["report"]
+    assert set(rec) == set(demo)
+    for key in ("cuda", "cpu", "determinism", "threads", "platform", "lossevo"):
+        assert set(rec[key]) == set(demo[key]), key
+    same_machine = all(rec[k] == demo[k] for k in ("python", "torch", "packages", "mkl", "onednn", "platform", "cpu"))
+    if same_machine and rec["threads"] == demo["threads"]:
+        def text(r: dict) -> str:
+            return json.dumps({k: v for k, v in r.items() if k != "lossevo"}, indent=2, sort_keys=True)
+
+        assert text(rec) == text(demo)
+
+
+def test_cuda_record_adds_the_gpu_details_and_torchs_cuda_flags(monkeypatch):
+    cpu = environment.record("cpu")
+    _fake_gpu(monkeypatch)
+    rec = environment.record("cuda")
+    assert rec["device"] == "cuda" and rec["gpu"] == "NVIDIA Test GPU"
+    assert rec["cuda_device"] == {"index": 0, "count": 2, "memory_bytes": 80 * 2**30, "compute_capability": "9.0",
+                                  "multiprocessors": 132, "driver": "550.54.15", "driver_cuda": "12.4"}
+    assert set(rec) == set(cpu) | {"cuda_device"}
+    assert set(rec["cuda"]) == {"build", "available", "cudnn"}  # the runtime (torch's) and cuDNN versions
+    det = rec["determinism"]["cuda"]
+    assert det["torch"] == determinism.torch_flags() and det["requested"] == determinism.requested_mode()
+    assert det["cublas_workspace_config"] == os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    assert environment.record("cuda:1")["cuda_device"]["index"] == 1
+    assert environment.record("cuda") == rec  # stable: a DVC output hashes the same on a rerun
+    assert not re.search(r"\b20\d\d-\d\d-\d\d|time|date|host", json.dumps(rec), re.IGNORECASE)
+
+
+def test_driver_version_is_read_without_the_build_date_and_host():
+    proprietary = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n"
+                   "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    open_module = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  "
+                   "(dvs-builder@U16-I3-B13-4-3)  Thu Jan 23 2025\n")
+    assert environment.driver_from_proc(proprietary) == "550.54.15"
+    assert environment.driver_from_proc(open_module) == "570.86.15"
+    assert environment.driver_from_proc("") is None and environment.driver_from_proc("GCC version: 12.2.0") is None
+    for value in (environment.nvidia_driver(), environment.cuda_driver_api()):  # None on a machine without one
+        assert value is None or re.fullmatch(r"\d+\.\d+(\.\d+)?", value)

@@ -196,7 +196,8 @@ def _bases() -> dict[str, tuple[dict, str]]:
     tiny_text = yaml.safe_dump(tiny)  # with &anchors: tiny_params shares dicts between searches
     tiny_doc = json.loads(json.dumps(tiny))  # no sharing: a mutation changes one place
     config.validate(tiny_doc)
-    return {"repo": (config.read_params("params.yaml"), repo_text), "tiny": (tiny_doc, tiny_text)}
+    repo_doc = json.loads(json.dumps(config.read_params("params.yaml")))  # the presets share &anchors too
+    return {"repo": (repo_doc, repo_text), "tiny": (tiny_doc, tiny_text)}
 
 
 def _dump(doc) -> str | None:

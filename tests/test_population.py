@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lossevo import data, losses, models
+from lossevo import data, losses
 from lossevo.training import population, stacked_loss, trainer
 
 MODEL = {"name": "mlp", "hidden": [64]}  # no dropout: batched and single runs are comparable
@@ -124,21 +124,6 @@ def test_nan_candidate_leaves_the_others_alone(split):
 def bn_mlp(input_shape, n_classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 32), nn.BatchNorm1d(32),
                          nn.ReLU(), nn.Linear(32, n_classes))
-
-
-def test_batchnorm_model_falls_back_and_warns_once(split, monkeypatch):
-    monkeypatch.setitem(models.MODELS, "bn_mlp", bn_mlp)
-    model = {"name": "bn_mlp"}
-    specs, seeds = learners(3), [0, 1, 0]
-    with pytest.warns(RuntimeWarning, match="buffers") as caught:
-        first = population.train_many(model, split, specs, RECIPE, seeds, steps=10)
-    assert len([w for w in caught if "one after another" in str(w.message)]) == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        second = population.train_many(model, split, specs, RECIPE, seeds, steps=10)
-    ref = [trainer.train(model, split, losses.build(s), RECIPE, seed, steps=10)
-           for s, seed in zip(specs, seeds, strict=True)]
-    assert first == second == ref
 
 
 def test_unbatchable_loss_kind_falls_back_and_warns_once(split, monkeypatch):

@@ -18,6 +18,9 @@ import time
 from lossevo import __version__, determinism
 from lossevo.errors import LossevoError
 
+# lossevo.data.DATASETS, written out: importing lossevo.data here would load torch too early.
+DATASET_NAMES = ("digits", "mnist", "cifar10", "cifar100", "svhn")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (the default also prints the usage)."""
@@ -44,6 +47,16 @@ def cmd_validate(args) -> None:
 
 def cmd_show_experiment(args) -> None:
     print(_experiment(args).name)
+
+
+def cmd_download(args) -> None:
+    from lossevo import data
+
+    where = data.download(args.dataset, args.root)
+    if where is None:
+        print(f"[download] {args.dataset} is bundled with scikit-learn: nothing to download")
+    else:
+        print(f"[download] {args.dataset} -> {where}")
 
 
 def cmd_prepare(args) -> None:
@@ -157,6 +170,12 @@ def parser() -> argparse.ArgumentParser:
 
     add("validate", cmd_validate, "validate params.yaml")
     add("show-experiment", cmd_show_experiment, "print the selected experiment's name")
+    d = sub.add_parser("download", help="fetch a dataset's files into a torchvision root (the only step "
+                       "that downloads)", description="fetch a dataset's train and test files with "
+                       "torchvision (md5-checked) into --root, where data.root points")
+    d.add_argument("dataset", metavar="DATASET", help="one of: " + ", ".join(DATASET_NAMES))
+    d.add_argument("--root", default="data", help="torchvision root (default: data, data.root's default)")
+    d.set_defaults(func=cmd_download, params="params.yaml")  # needs no params.yaml (main() reads it leniently)
     add("prepare", cmd_prepare, "load the dataset, split it, write results/EXP/data.pt")
     s = add("search", cmd_search, "run searches to the end (resumable; same result as the Snakemake fan-out)")
     s.add_argument("-s", "--search", nargs="+", help="search names under experiments.EXP.search (default: all)")
@@ -210,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         determinism.apply(determinism.read_mode(args.params))  # before torch and numpy load
-        if args.command not in ("validate", "show-experiment"):
+        if args.command not in ("validate", "show-experiment", "download"):
             import torch
 
             from lossevo import config

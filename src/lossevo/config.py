@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lossevo import losses, models
+from lossevo import losses, models, recipe
 from lossevo.errors import LossevoError
 from lossevo.losses import taylor
 
@@ -74,10 +74,11 @@ def read_yaml(text: str, source: str) -> Any:
 
 @cache
 def schema() -> dict:
-    """The params.yaml JSON Schema shipped with the package (loss kinds from the loss registry)."""
+    """The params.yaml JSON Schema shipped with the package (loss kinds and model names from their registries)."""
     text = resources.files("lossevo").joinpath("params.schema.yaml").read_text(encoding="utf-8")
     sch = read_yaml(text, "params.schema.yaml")
     sch["$defs"]["loss_spec"]["properties"]["kind"]["enum"] = list(losses.KINDS)
+    sch["$defs"]["model"]["properties"]["name"]["enum"] = list(models.MODELS)
     return sch
 
 
@@ -190,6 +191,17 @@ def _message(error) -> str:
     return _one_line(text)
 
 
+def _unshared(node: Any) -> Any:
+    """A deep copy in which no two places share a mapping or list. YAML anchors (``data: *cifar10``)
+    make experiments share objects, and ``copy.deepcopy`` keeps that sharing; defaults and the
+    epoch-to-step resolution filled into one experiment must not appear in another."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return copy.deepcopy(node)
+
+
 def validate(params: Any, source: str = DEFAULT_PARAMS) -> dict:
     """Validate a params mapping and return a copy with defaults filled in.
 
@@ -208,7 +220,7 @@ def validate(params: Any, source: str = DEFAULT_PARAMS) -> dict:
         if error.validator == "oneOf" and error.context:
             error = jsonschema.exceptions.best_match(error.context)
         raise LossevoError(f"{source}: {_path(error.absolute_path)}: {_message(error)}")
-    params = _fill_defaults(copy.deepcopy(params), sch, sch)
+    params = _fill_defaults(_unshared(params), sch, sch)
     if params["experiment"] not in params["experiments"]:
         raise LossevoError(
             f"{source}: experiment: {params['experiment']!r} is not one of {sorted(params['experiments'])}"
@@ -222,6 +234,7 @@ def _check_experiment(name: str, exp: dict, source: str) -> None:
     """Cross-field checks the schema cannot express (model options, loss specs, search references, budgets)."""
     where = f"{source}: experiments.{name}"
     _check_model(f"{where}.model", exp["model"])
+    recipe.resolve(exp, where)
     for lname, spec in exp["retrain"]["losses"].items():
         if "search" in spec:
             if spec["search"] not in exp["search"]:

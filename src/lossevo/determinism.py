@@ -44,6 +44,25 @@ another architecture (portable mode falls back to native there, with a warning),
 cache-dependent blocking, and GPUs (CUDA results differ from CPU results and between GPU
 models). ``determinism: native`` skips all of this for speed (benchmarks/bench_determinism.py
 measures the cost) and leaves the environment as it is.
+
+On a CUDA device the promise is narrower: run-to-run identical results on the same GPU model,
+driver, CUDA, cuDNN and torch versions, not across GPU models (cuBLAS and cuDNN pick other
+kernels, tile sizes and reduction orders per architecture and version, and no switch pins them).
+Where determinism is asked for (``portable``, also when its CPU part fell back to native),
+:func:`apply` puts ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` into the environment before CUDA starts
+(cuBLAS's fixed workspace split; PyTorch refuses deterministic matrix products without it), and
+:func:`configure_torch`, called with the device a training runs on, sets torch's flags
+(:data:`TORCH_CUDA_FLAGS`): cuDNN's deterministic algorithms without autotuning
+(``cudnn.benchmark`` times candidate kernels and may pick another one on every run),
+``torch.use_deterministic_algorithms(True)`` (an op without a deterministic CUDA kernel raises
+instead of computing other bits; none of the training paths' ops is such an op:
+tests/test_determinism.py records every op they dispatch and checks them against torch's list,
+so ``warn_only`` stays False), and TF32 off (TF32 rounds fp32 matrix-product and convolution
+inputs to 10 mantissa bits, so GPU results would also move away from fp32 CPU results).
+``native`` on CUDA sets the fast settings instead: cuDNN autotuning on, TF32 allowed, no
+deterministic-algorithm check. On the CPU none of these flags is touched
+(``use_deterministic_algorithms`` also switches some CPU kernels, which would move the portable
+CPU bits).
 """
 
 from __future__ import annotations
@@ -73,6 +92,23 @@ PORTABLE_ENV: dict[str, str] = {
 #: environment record: the mode, and why portable mode fell back to native (if it did).
 ENV_MODE = "LOSSEVO_DETERMINISM"
 ENV_FALLBACK = "LOSSEVO_DETERMINISM_FALLBACK"
+#: What determinism sets for CUDA, before CUDA starts, besides :data:`PORTABLE_ENV` (which the
+#: environment record lists; this one is recorded with a CUDA device's settings).
+CUDA_ENV: dict[str, str] = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+#: The cuBLAS workspace settings NVIDIA documents as deterministic (``:16:8`` uses less memory;
+#: a user's choice of it is kept).
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+#: torch's CUDA flags per mode, as :func:`torch_flags` reads them back; :func:`configure_torch`
+#: applies them on a CUDA device. ``deterministic_warn_only`` False: an op without a deterministic
+#: CUDA kernel raises (tests/test_determinism.py checks that the training paths use none).
+TORCH_CUDA_FLAGS: dict[str, dict[str, bool | str]] = {
+    "portable": {"cudnn_deterministic": True, "cudnn_benchmark": False, "deterministic_algorithms": True,
+                 "deterministic_warn_only": False, "matmul_allow_tf32": False, "cudnn_allow_tf32": False,
+                 "float32_matmul_precision": "highest"},
+    "native": {"cudnn_deterministic": False, "cudnn_benchmark": True, "deterministic_algorithms": False,
+               "deterministic_warn_only": False, "matmul_allow_tf32": True, "cudnn_allow_tf32": True,
+               "float32_matmul_precision": "high"},
+}
 #: CPU flags the pinned kernels need (ATen's AVX2 build, OpenBLAS Haswell, numpy X86_V3), as
 #: /proc/cpuinfo spells them (``abm`` is LZCNT).
 REQUIRED_FLAGS = ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm")
@@ -159,8 +195,9 @@ def portable_unavailable() -> str | None:
 
 
 def apply(mode: str = DEFAULT_MODE) -> dict[str, str]:
-    """Put ``mode``'s settings into ``os.environ``; return those set (empty for native).
+    """Put ``mode``'s settings into ``os.environ``; return the CPU ones set (empty for native).
 
+    Portable mode also sets :data:`CUDA_ENV` (not returned; see :func:`set_cublas_workspace`).
     Portable mode overrides any value already there (a user's ``MKL_CBWR`` must not change the
     numbers) and falls back to native, with a :class:`DeterminismWarning`, on a machine that
     cannot run it. If torch or numpy is already imported, the libraries may have latched other
@@ -171,6 +208,9 @@ def apply(mode: str = DEFAULT_MODE) -> dict[str, str]:
     os.environ.pop(ENV_FALLBACK, None)
     applied: dict[str, str] = {}
     if mode == "portable":
+        # For a CUDA device, even where the CPU part falls back: run-to-run determinism on the
+        # GPU does not depend on the CPU's kernels.
+        set_cublas_workspace()
         reason = portable_unavailable()
         if reason is None:
             applied = dict(PORTABLE_ENV)
@@ -264,17 +304,120 @@ def numpy_simd_wider_than_avx2() -> list[str]:
     return sorted(t for t in targets if t in disabled and features.get(t))
 
 
-def describe() -> dict:
+def describe(device=None) -> dict:
     """The determinism settings of this process, for the environment record (imports torch).
 
     ``mode`` is the mode in effect (``unset`` if :func:`apply` never ran in this process tree),
     ``fallback`` why portable mode fell back to native, ``settings`` the values of every
     variable portable mode sets (None: not set), ``mkl_cbwr`` the MKL branch in effect (the
-    ATen kernels in use are in the record's ``cpu`` entry).
+    ATen kernels in use are in the record's ``cpu`` entry). For a CUDA ``device`` (a torch
+    device or name) also ``cuda``: :func:`describe_cuda`; for the CPU the entry is as before.
     """
-    return {
+    out = {
         "mode": os.environ.get(ENV_MODE, "unset"),
         "fallback": os.environ.get(ENV_FALLBACK),
         "settings": {k: os.environ.get(k) for k in PORTABLE_ENV},
         "mkl_cbwr": mkl_cbwr(),
     }
+    if device is not None and _is_cuda(device):
+        out["cuda"] = describe_cuda()
+    return out
+
+
+def _is_cuda(device) -> bool:
+    import torch
+
+    return torch.device(device).type == "cuda"
+
+
+def requested_mode() -> str:
+    """The mode asked for in this process tree: ``portable`` also where its CPU part fell back
+    to native (the GPU settings do not depend on the CPU), else ``native`` or ``unset``."""
+    if os.environ.get(ENV_FALLBACK):
+        return "portable"
+    return os.environ.get(ENV_MODE, "unset")
+
+
+def set_cublas_workspace() -> str:
+    """Put :data:`CUDA_ENV` into ``os.environ`` unless a deterministic value is there already
+    (``:16:8`` is kept); return the value in effect. cuBLAS reads it when CUDA starts."""
+    key = "CUBLAS_WORKSPACE_CONFIG"
+    if os.environ.get(key) not in CUBLAS_DETERMINISTIC:
+        os.environ[key] = CUDA_ENV[key]
+    return os.environ[key]
+
+
+def torch_settings(mode: str) -> dict[str, bool | str]:
+    """The torch CUDA flags ``mode`` wants (:data:`TORCH_CUDA_FLAGS`), without importing torch."""
+    if mode not in TORCH_CUDA_FLAGS:
+        raise LossevoError(f"determinism: {mode!r} is not one of {list(TORCH_CUDA_FLAGS)}")
+    return dict(TORCH_CUDA_FLAGS[mode])
+
+
+def torch_flags() -> dict[str, bool | str]:
+    """torch's CUDA-relevant flags as they are now, keyed as :data:`TORCH_CUDA_FLAGS` (readable,
+    and settable, without a GPU)."""
+    import torch
+
+    return {
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
+def set_torch_flags(flags: dict[str, bool | str]) -> dict[str, bool | str]:
+    """Set torch's flags to ``flags`` (keys of :data:`TORCH_CUDA_FLAGS`); return them read back.
+
+    Process-wide: ``use_deterministic_algorithms`` also switches CPU ops, which is why only
+    :func:`configure_torch` on a CUDA device calls this in a training.
+    """
+    import torch
+
+    torch.backends.cudnn.deterministic = bool(flags["cudnn_deterministic"])
+    torch.backends.cudnn.benchmark = bool(flags["cudnn_benchmark"])
+    torch.use_deterministic_algorithms(bool(flags["deterministic_algorithms"]),
+                                       warn_only=bool(flags["deterministic_warn_only"]))
+    # The precision first: it sets matmul.allow_tf32 itself, which the next line then pins.
+    torch.set_float32_matmul_precision(str(flags["float32_matmul_precision"]))
+    torch.backends.cuda.matmul.allow_tf32 = bool(flags["matmul_allow_tf32"])
+    torch.backends.cudnn.allow_tf32 = bool(flags["cudnn_allow_tf32"])
+    return torch_flags()
+
+
+def configure_torch(device, mode: str | None = None) -> dict[str, bool | str]:
+    """Set torch's flags for training on ``device``; return the flags set (empty: none).
+
+    Only for a CUDA device: ``mode`` (default :func:`requested_mode`) ``portable`` makes the
+    runs repeatable (:data:`TORCH_CUDA_FLAGS`, with ``CUBLAS_WORKSPACE_CONFIG``, which must be in
+    the environment before CUDA starts: :class:`DeterminismError` otherwise), ``native`` fast;
+    ``unset`` (:func:`apply` never ran) leaves torch as it is. Cheap and idempotent: call it at
+    the start of every training. On the CPU nothing is touched.
+    """
+    if not _is_cuda(device):
+        return {}
+    mode = mode or requested_mode()
+    if mode == "unset":
+        return {}
+    flags = torch_settings(mode)
+    if mode == "portable" and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in CUBLAS_DETERMINISTIC:
+        import torch
+
+        if torch.cuda.is_initialized():
+            raise DeterminismError(
+                "determinism: portable: CUDA started without CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8), "
+                "so cuBLAS cannot be made deterministic in this process (call "
+                "lossevo.determinism.apply() before CUDA starts, or set determinism: native)")
+        set_cublas_workspace()
+    return set_torch_flags(flags)
+
+
+def describe_cuda() -> dict:
+    """A CUDA device's determinism settings for the environment record: the mode asked for,
+    ``CUBLAS_WORKSPACE_CONFIG`` and torch's flags as in effect now (read back, not assumed)."""
+    return {"requested": requested_mode(), "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            "torch": torch_flags()}

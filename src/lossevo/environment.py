@@ -1,5 +1,9 @@
 """The environment record: what produced a result directory (code, libraries, CPU, GPU, settings).
 
+On a CUDA device the record adds the GPU's details (:func:`cuda_device`: count, memory, compute
+capability, driver) and torch's CUDA determinism flags as in effect (``determinism.cuda``); on
+the CPU it holds neither key, so CPU records are as they were.
+
 Numbers on the CPU depend on the library versions, the CPU's kernels, the thread counts and the
 determinism settings (:mod:`lossevo.determinism`), so every result directory records them:
 the search stage in ``search/NAME/environment.json``, retraining in ``retrain/environment.json``
@@ -146,12 +150,89 @@ def numpy_runtime() -> dict:
     return out
 
 
+def driver_from_proc(text: str) -> str | None:
+    """The NVIDIA driver version in the text of ``/proc/driver/nvidia/version`` (only the
+    number: the file also names the build's date and host)."""
+    match = re.search(r"NVRM version:.*?\s(\d+\.\d+(?:\.\d+)?)\s", text)
+    return match.group(1) if match else None
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version (``550.54.15``): /proc/driver/nvidia/version, else NVML; None
+    where neither answers."""
+    try:
+        version = driver_from_proc(Path("/proc/driver/nvidia/version").read_text())
+    except OSError:
+        version = None
+    if version is not None:
+        return version
+    import ctypes
+
+    for name in ("libnvidia-ml.so.1", "nvml.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        init, get = getattr(lib, "nvmlInit_v2", None), getattr(lib, "nvmlSystemGetDriverVersion", None)
+        if init is None or get is None or init() != 0:
+            return None
+        try:
+            buf = ctypes.create_string_buffer(96)
+            return buf.value.decode() if get(buf, ctypes.c_uint(len(buf))) == 0 else None
+        finally:
+            lib.nvmlShutdown()
+    return None
+
+
+def cuda_driver_api() -> str | None:
+    """The newest CUDA version the installed driver supports (``cuDriverGetVersion``, e.g.
+    ``12.8``); None without libcuda. Needs no CUDA context."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        value = ctypes.c_int(0)
+        func = getattr(lib, "cuDriverGetVersion", None)
+        if func is not None and func(ctypes.byref(value)) == 0 and value.value > 0:
+            return f"{value.value // 1000}.{value.value % 1000 // 10}"
+    return None
+
+
+def cuda_device(device) -> dict:
+    """The CUDA device a result was computed on (a torch device or name of type cuda).
+
+    Its index, how many devices the process sees, memory, compute capability, multiprocessors,
+    the NVIDIA driver and the CUDA version it supports. The model name is the record's ``gpu``,
+    the CUDA runtime (torch's) and cuDNN versions its ``cuda`` entry; nothing here changes
+    between reruns on one machine (no free memory, no clocks, no UUID).
+    """
+    import torch
+
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return {
+        "index": index,
+        "count": torch.cuda.device_count(),
+        "memory_bytes": int(props.total_memory),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "multiprocessors": int(props.multi_processor_count),
+        "driver": nvidia_driver(),
+        "driver_cuda": cuda_driver_api(),
+    }
+
+
 def record(device) -> dict:
     """The environment of this process for a result produced on ``device`` (a torch device or name).
 
     lossevo version and git commit; Python, torch, CUDA, cuDNN, MKL, oneDNN and numpy versions;
     CPU model, flags and the ATen kernels in use; GPU model; torch/MKL/OpenMP/OpenBLAS threads;
-    the determinism mode and settings. No timings, dates, host names or paths.
+    the determinism mode and settings; on a CUDA device also ``cuda_device``
+    (:func:`cuda_device`) and torch's CUDA flags (``determinism.cuda``). No timings, dates, host
+    names or paths.
     """
     import torch
 
@@ -167,7 +248,7 @@ def record(device) -> dict:
     except RuntimeError:
         cudnn = None
     blas = numpy_runtime()
-    return {
+    out = {
         "lossevo": {"version": __version__, **git_commit()},
         "python": platform.python_version(),
         "platform": {"system": platform.system(), "machine": platform.machine(),
@@ -185,5 +266,8 @@ def record(device) -> dict:
         "device": str(device),
         "threads": {"torch": torch.get_num_threads(), "mkl": _threads(parallel, "mkl_get_max_threads"),
                     "openmp": _threads(parallel, "omp_get_max_threads")},
-        "determinism": determinism.describe(),
+        "determinism": determinism.describe(device),
     }
+    if device.type == "cuda":
+        out["cuda_device"] = cuda_device(device)
+    return out

@@ -14,6 +14,10 @@ rule fgsm:
         opts=OPTS,
         settings=EXP.cfg["evaluate"]["fgsm"],
     threads: THREADS
+    resources:
+        gpu=1,  # forward and input-gradient passes over the test set, every seed and loss
+        runtime=240,
+        mem_mb=8000,
     log:
         f"{ROOT}/logs/eval/fgsm.log",
     conda:
@@ -31,6 +35,10 @@ rule basins:
         opts=OPTS,
         settings=EXP.cfg["evaluate"]["basins"],
     threads: THREADS
+    resources:
+        gpu=1,  # test accuracy at every grid point of every seed and loss
+        runtime=480,
+        mem_mb=8000,
     log:
         f"{ROOT}/logs/eval/basins.log",
     conda:
@@ -48,6 +56,9 @@ rule weights:
         opts=OPTS,
         settings=EXP.cfg["evaluate"]["weights"],
     threads: THREADS
+    resources:
+        runtime=30,  # histograms and fits of the kept weights: no GPU
+        mem_mb=4000,
     log:
         f"{ROOT}/logs/eval/weights.log",
     conda:

@@ -1,8 +1,9 @@
 """Dataset registry: every dataset becomes in-memory tensors with a deterministic split.
 
 ``digits`` (scikit-learn's bundled 8×8 digits) needs no download and is the embedded default.
-``mnist``, ``cifar10`` and ``svhn`` load through torchvision from a local ``root`` with
-``download=False``: there is no network at run time, so missing files are a clear error.
+``mnist``, ``cifar10``, ``cifar100`` and ``svhn`` load through torchvision from a local ``root``
+(:mod:`lossevo.data.torchvision_sets`) and are never downloaded while loading: a missing dataset
+is a one-line error naming ``lossevo download``, which calls :func:`download`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lossevo.data import torchvision_sets
+from lossevo.data.torchvision_sets import CHANNEL_STATS, PAPER_VAL_SIZE, TORCHVISION_SETS
 from lossevo.errors import LossevoError
 
-DATASETS = ("digits", "mnist", "cifar10", "svhn")
-
-# Paper splits (TaylorGLO paper §5; docs/choices.md): validation taken from the training set.
-PAPER_VAL_SIZE = {"mnist": 5000, "cifar10": 5000, "svhn": 26032}
-# Per-channel normalisation of the authors' released trainer (docs/choices.md).
-CHANNEL_STATS = {
-    "cifar10": ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
-    "svhn": ((109.9, 109.7, 113.8), (50.1, 50.6, 50.8)),
-}
+DATASETS = ("digits", *TORCHVISION_SETS)
+__all__ = ["CHANNEL_STATS", "DATASETS", "PAPER_VAL_SIZE", "Split", "download", "load", "load_prepared", "save"]
 
 
 @dataclass
@@ -37,6 +33,9 @@ class Split:
     x_test: torch.Tensor
     y_test: torch.Tensor
     n_classes: int
+    # What a black pixel (0) becomes after normalisation, per channel ([C] float32): the fill value
+    # of padding (random crops). None where the data are raw pixels (digits, MNIST).
+    pixel_zero: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -88,71 +87,37 @@ def _digits(cfg: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, 
     return x[train], y[train], x[val], y[val], x[test], y[test]
 
 
-def _torchvision(name: str, cfg: dict):
-    import torchvision
-
-    root = Path(cfg["root"]).expanduser()
-    try:
-        if name == "mnist":
-            tr = torchvision.datasets.MNIST(str(root), train=True, download=False)
-            te = torchvision.datasets.MNIST(str(root), train=False, download=False)
-            xtr, ytr = tr.data.numpy()[:, None], tr.targets.numpy()
-            xte, yte = te.data.numpy()[:, None], te.targets.numpy()
-        elif name == "cifar10":
-            tr = torchvision.datasets.CIFAR10(str(root), train=True, download=False)
-            te = torchvision.datasets.CIFAR10(str(root), train=False, download=False)
-            xtr, ytr = tr.data.transpose(0, 3, 1, 2), np.asarray(tr.targets)
-            xte, yte = te.data.transpose(0, 3, 1, 2), np.asarray(te.targets)
-        else:  # svhn
-            tr = torchvision.datasets.SVHN(str(root), split="train", download=False)
-            te = torchvision.datasets.SVHN(str(root), split="test", download=False)
-            xtr, ytr = tr.data, tr.labels
-            xte, yte = te.data, te.labels
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted. ..."
-        raise LossevoError(
-            f"dataset {name}: not found under data.root={str(root)!r} (torchvision, download=False; "
-            f"put the standard {name} files there): {str(exc).splitlines()[0]}"
-        ) from None
-    scale = 255.0
-    xtr = xtr.astype(np.float32) / scale
-    xte = xte.astype(np.float32) / scale
-    if name in CHANNEL_STATS:
-        mean, std = (np.asarray(v, dtype=np.float32).reshape(1, 3, 1, 1) / scale for v in CHANNEL_STATS[name])
-        xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    ytr, yte = ytr.astype(np.int64), yte.astype(np.int64)
-    # The authors pre-shuffle the training set with a fixed seed and take validation from its tail.
-    perm = np.random.default_rng(cfg["split_seed"]).permutation(len(ytr))
-    val_size = cfg["val_size"] if cfg.get("val_size") is not None else PAPER_VAL_SIZE[name]
-    if val_size >= len(ytr):
-        raise LossevoError(f"data.val_size={val_size} leaves no training data for {name}")
-    train, val = perm[: len(ytr) - val_size], perm[len(ytr) - val_size :]
-    test_size = cfg.get("test_size")
-    test_idx = np.arange(len(yte)) if not test_size else _stratified_subset(yte, test_size, cfg["split_seed"])
-    return xtr[train], ytr[train], xtr[val], ytr[val], xte[test_idx], yte[test_idx]
-
-
 def load(cfg: dict) -> Split:
     """Load ``cfg['dataset']`` and apply the split and the training-fraction option."""
     name = cfg["dataset"]
     if name not in DATASETS:
         raise LossevoError(f"data.dataset {name!r} is unknown (choose from {list(DATASETS)})")
-    parts = _digits(cfg) if name == "digits" else _torchvision(name, cfg)
-    xtr, ytr, xva, yva, xte, yte = parts
+    if name == "digits":
+        xtr, ytr, xva, yva, xte, yte = _digits(cfg)
+        zero = None
+    else:
+        xtr, ytr, xva, yva, xte, yte = torchvision_sets.read(name, cfg)
+        zero = torchvision_sets.pixel_zero(name)
     frac = cfg.get("train_fraction", 1.0)
     if frac < 1.0:
-        keep = _stratified_subset(ytr, max(int(round(frac * len(ytr))), len(np.unique(ytr))), cfg["split_seed"])
+        from lossevo.recipe import fraction_size  # one rule, also used to count steps per epoch
+
+        keep = _stratified_subset(ytr, fraction_size(len(ytr), frac, len(np.unique(ytr))), cfg["split_seed"])
         xtr, ytr = xtr[keep], ytr[keep]
     n_classes = int(max(ytr.max(), yva.max(), yte.max()) + 1)
+    if name != "digits":  # a small subset may miss the top classes; the dataset has them all
+        n_classes = max(n_classes, torchvision_sets.N_CLASSES[name])
     t = torch.from_numpy
     return Split(t(np.ascontiguousarray(xtr)), t(ytr), t(np.ascontiguousarray(xva)), t(yva),
-                 t(np.ascontiguousarray(xte)), t(yte), n_classes)
+                 t(np.ascontiguousarray(xte)), t(yte), n_classes, None if zero is None else t(zero))
 
 
 def save(split: Split, path: str | Path) -> None:
-    """Write a split as one torch file (atomically)."""
+    """Write a split as one torch file (atomically); unset optional fields are left out, so a
+    split without them has the same bytes as before they existed (DVC hashes stay put)."""
     from lossevo.checkpoint import write_torch
 
-    write_torch(path, vars(split))
+    write_torch(path, {k: v for k, v in vars(split).items() if v is not None})
 
 
 def load_prepared(path: str | Path) -> Split:
@@ -161,3 +126,12 @@ def load_prepared(path: str | Path) -> Split:
     if not path.exists():
         raise LossevoError(f"{path}: prepared data not found (run `lossevo prepare` first)")
     return Split(**torch.load(path, weights_only=True))
+
+
+def download(name: str, root: str | Path) -> Path | None:
+    """Fetch a torchvision dataset's train and test files into ``root``; None for digits (bundled)."""
+    if name not in DATASETS:
+        raise LossevoError(f"download: dataset {name!r} is unknown (choose from {', '.join(DATASETS)})")
+    if name == "digits":
+        return None
+    return torchvision_sets.download(name, root)

@@ -1,7 +1,8 @@
 """Model registry: ``build(name, input_shape, n_classes, **kwargs) -> nn.Module``.
 
-Small models for the embedded 8×8 digits, and the papers' architectures (the MNIST basic CNN
-and AllCNN-C, as in the authors' released trainer; docs/choices.md).
+Small models for the embedded 8×8 digits, and the papers' architectures as in the authors'
+released trainer (docs/choices.md): the MNIST basic CNN and AllCNN-C here, the CIFAR CNNs in
+:mod:`lossevo.models.cnns`, the residual networks in :mod:`lossevo.models.resnets`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from torch import nn
 
 from lossevo.errors import LossevoError
+from lossevo.models.cnns import alexnet_cifar, glo_cifar_cnn
+from lossevo.models.resnets import preresnet20, pyramidnet110_a48, resnet20, wrn, wrn16_8, wrn28_5
 
 
 def mlp(input_shape: tuple[int, ...], n_classes: int, hidden: list[int] = (100, 100),
@@ -78,6 +81,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
     "mnist_basic_cnn": mnist_basic_cnn,
     "allcnnc": allcnnc,
+    "alexnet_cifar": alexnet_cifar,
+    "glo_cifar_cnn": glo_cifar_cnn,
+    "resnet20": resnet20,
+    "preresnet20": preresnet20,
+    "wrn": wrn,
+    "wrn16_8": wrn16_8,
+    "wrn28_5": wrn28_5,
+    "pyramidnet110_a48": pyramidnet110_a48,
 }
 
 

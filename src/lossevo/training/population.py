@@ -13,8 +13,8 @@ Semantics are those of :func:`lossevo.training.trainer.train`, candidate by cand
 - batches from ``trainer.batch_indices`` per seed (candidates that share a seed share the
   batch; otherwise each gathers its own, ``x[idx]`` with ``idx`` of shape [P, B]);
 - ``torch.optim.SGD``'s math (weight decay added to the gradient, momentum buffer = gradient on
-  the first step, dampening 0, Nesterov), ``trainer.lr_at`` with milestones scaled to a partial
-  run, ``loss.progress = step / steps``;
+  the first step, dampening 0, Nesterov), ``trainer.lr_at`` with the partial-run schedule of
+  :func:`lossevo.recipe.schedule` (truncated or rescaled), ``loss.progress = step / horizon``;
 - the per-candidate stop rules: a non-finite loss stops *that* candidate (status ``nan``) before
   its update; validation accuracy below ``abort.min_accuracy`` after ``abort.epoch`` epochs stops
   it with status ``aborted``. Per-candidate losses are a [P] vector, masked with ``torch.where``
@@ -27,6 +27,15 @@ kernels compute the same sums; on CPU they are usually bit-identical). Dropout m
 independently per candidate (``randomness="different"``) but from one generator stream, so
 they differ from a sequential run's and depend on the population.
 
+Buffers (BatchNorm running statistics) are per candidate: stacked like the weights and passed
+with them to ``functional_call`` under ``vmap`` (in_dims 0). torch's batch rule for batch norm
+takes batched running statistics and updates them in place, each slice from its own
+candidate's batch statistics (it refuses only *unbatched* buffers with batched inputs), so the
+modules' own ``F.batch_norm`` runs, not a re-implementation; evaluation runs in eval mode on
+each candidate's own statistics. In float64 BN populations equal one-by-one training to 1e-15;
+in float32 one [B, P·C, ...] normalisation rounds unlike P [B, C, ...] ones (at rounding level),
+which training carries along like any rounding change (tests/test_population_bn.py).
+
 Grouping and fallback: candidates are grouped by loss kind and its non-θ settings (for
 ``taylor``: order, variables, class reduction; θ and the convention live in the stacked
 centres/coefficients; every GLO tree — kinds ``tree``, ``baikal_cma``, ``fast_logit`` — with one
@@ -36,13 +45,15 @@ its own slice), and each group with more than one member is batched, in chunks o
 most ``max_population`` (default: up to :data:`DEFAULT_MAX_POPULATION`, fewer when
 :func:`candidate_cost` says the model is big). On the CPU a compute-bound model (above
 :data:`CPU_MAX_BATCHED_MACS`) gains nothing from batching and is trained one by one (logged
-once). A model that cannot be batched (it has buffers, e.g. BatchNorm running statistics, or
-fails a vmap probe), or a loss kind this module does not know, falls back to the sequential
-trainer with one warning per process and reason.
+once). A model that fails a 2-candidate vmap probe (training step and evaluation, buffers
+included; e.g. BatchNorm with ``momentum=None``, whose cumulative average reads its step count
+in Python), or a loss kind this module does not know, falls back to the sequential trainer with
+one warning per process and reason.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -51,12 +62,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.func import stack_module_state
 
-from lossevo import losses, models
+from lossevo import determinism, losses, models
+from lossevo import recipe as recipe_mod
 from lossevo.data import Split
 from lossevo.errors import LossevoError
-from lossevo.training import trainer
+from lossevo.training import augment, precision, trainer
 from lossevo.training.stacked_forward import _population_forward
 from lossevo.training.stacked_loss import (  # noqa: F401 - re-exported
     BATCHABLE_KINDS,
@@ -64,6 +75,7 @@ from lossevo.training.stacked_loss import (  # noqa: F401 - re-exported
     _stacked_loss,
     loss_group,
 )
+from lossevo.training.stacked_state import _Population
 
 #: Candidates trained together in one batched pass unless ``max_population`` says otherwise.
 DEFAULT_MAX_POPULATION = 32
@@ -109,15 +121,16 @@ def _note_once(message: str) -> None:
 
 
 def _vmap_probe(model: nn.Module, split: Split, device: torch.device) -> None:
-    """Run a 2-candidate batched forward/backward on 2 examples; raises if it cannot."""
-    params, _ = stack_module_state([model, model])
+    """Run a 2-candidate batched training step (buffers updated) and evaluation on 2 examples;
+    raises if it cannot."""
+    pop = _Population([model, model], [], [0, 0])
     forward = _population_forward(model)
     x = split.x_train[:2].to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        total = forward(params, x, True, True).float().square().sum()
-        torch.autograd.grad(total, list(params.values()))
+        total = forward(pop.as_dict(), x, True, True).float().square().sum()
+        torch.autograd.grad(total, pop.params)
         with torch.no_grad():
-            forward(params, x, True, False)
+            forward(pop.as_dict(), x, True, False)
 
 
 def model_unbatchable(model_cfg: dict, split: Split, device: torch.device) -> str | None:
@@ -128,19 +141,19 @@ def model_unbatchable(model_cfg: dict, split: Split, device: torch.device) -> st
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             model = trainer.init_model(model_cfg, split, 0, device)
         reason = None
-        buffers = [name for name, _ in model.named_buffers()]
-        if buffers:
-            reason = (f"model {model_cfg['name']} has buffers ({buffers[0]}; e.g. BatchNorm "
-                      f"running statistics) that a batched pass cannot update")
-        else:
-            try:
-                _vmap_probe(model, split, device)
-            except Exception as exc:  # noqa: BLE001 - any failure means "not batchable"
-                first = (str(exc).splitlines() or [""])[0][:200]
-                reason = (f"model {model_cfg['name']} fails as a batched population "
-                          f"({type(exc).__name__}: {first})")
+        try:
+            _vmap_probe(model, split, device)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not batchable"
+            first = (str(exc).splitlines() or [""])[0][:200]
+            reason = (f"model {model_cfg['name']} fails as a batched population "
+                      f"({type(exc).__name__}: {first})")
         _model_checks[key] = reason
     return _model_checks[key]
+
+
+def _call_stacked(loss_fn: Callable, extra: list, progress, logits: torch.Tensor, target: torch.Tensor):
+    """The stacked loss of a population step ([P] values) for one set of targets."""
+    return loss_fn(logits, target, extra, progress)
 
 
 def _chunks(items: list, cap: int) -> list[list]:
@@ -155,36 +168,11 @@ def _chunks(items: list, cap: int) -> list[list]:
     return out
 
 
-class _Population:
-    """Stacked weights, momentum buffers and loss tensors of the still-running candidates."""
-
-    def __init__(self, models: list[nn.Module], extra: list[torch.Tensor], seeds: list[int]):
-        params, _ = stack_module_state(models)
-        self.names = list(params)
-        self.params = [params[k] for k in self.names]
-        self.bufs: list[torch.Tensor] | None = None
-        self.extra = extra
-        self.seeds = list(seeds)
-        self.live = list(range(len(models)))  # candidate index of each stacked slice
-
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.params, strict=True))
-
-    def keep(self, slices: list[int]) -> None:
-        """Drop every stacked slice not in ``slices`` (stopped candidates)."""
-        sel = torch.tensor(slices, dtype=torch.long, device=self.params[0].device)
-        self.params = [p.detach()[sel].requires_grad_() for p in self.params]
-        if self.bufs is not None:
-            self.bufs = [b[sel] for b in self.bufs]
-        self.extra = [e[sel] for e in self.extra]
-        self.seeds = [self.seeds[j] for j in slices]
-        self.live = [self.live[j] for j in slices]
-
-
 @torch.no_grad()
 def _accuracies(forward: Callable, params: dict, x: torch.Tensor, y: torch.Tensor,
                 device: torch.device) -> list[float]:
-    """Top-1 accuracy of every stacked candidate; non-finite logits count as wrong."""
+    """Top-1 accuracy of every stacked candidate (eval mode: BatchNorm uses each candidate's
+    running statistics); non-finite logits count as wrong."""
     n_cand = next(iter(params.values())).shape[0]
     rows = max(1, min(2048, EVAL_ELEMENTS // n_cand))
     params = {k: v.detach() for k, v in params.items()}
@@ -218,10 +206,9 @@ def train_population(
     if len(loss_fns) != len(seeds):
         raise ValueError(f"{len(loss_fns)} losses but {len(seeds)} seeds")
     device = device or split.x_train.device
-    full = recipe["steps"]
-    steps = steps or full
-    scale = steps / full
-    sched = dict(recipe, milestones=[round(m * scale) for m in recipe.get("milestones", [])])
+    determinism.configure_torch(device)
+    steps = steps or recipe["steps"]
+    sched, horizon = recipe_mod.schedule(recipe, steps)
     momentum = recipe.get("momentum", 0.0)
     weight_decay = recipe.get("weight_decay", 0.0)
     nesterov = recipe.get("nesterov", False)
@@ -247,6 +234,9 @@ def train_population(
 
     x, y = split.x_train, split.y_train
     streams = {s: trainer.batch_indices(len(y), recipe["batch_size"], steps, s) for s in set(seeds)}
+    aug_cfg = augment.parse(recipe.get("augment"))
+    fill = getattr(split, "pixel_zero", None)
+    augmenters = {s: augment.Augmenter(aug_cfg, s, fill=fill) for s in set(seeds)} if aug_cfg else None
     # On the CPU checking for non-finite losses every step costs nothing; on an accelerator the
     # check (a host sync) runs every few steps, the step of the first non-finite loss being
     # tracked on the device, so a late check only costs a few steps of wasted compute.
@@ -284,15 +274,25 @@ def train_population(
             break
         lr = trainer.lr_at(step, sched)
         batch = {s: next(streams[s]) for s in set(pop.seeds)}  # stopped seeds' streams idle
-        if len(set(pop.seeds)) == 1:
-            idx, shared = batch[pop.seeds[0]].to(x.device), True
+        shared = len(set(pop.seeds)) == 1
+        if augmenters:  # each seed's batch augmented by its own stream, as trainer.train does
+            aug = {s: augmenters[s](x[i.to(x.device)].to(device), y[i.to(x.device)].to(device))
+                   for s, i in batch.items()}
+            b = aug[pop.seeds[0]] if shared else augment.stack([aug[s] for s in pop.seeds])
+        elif shared:
+            idx = batch[pop.seeds[0]].to(x.device)
+            b = augment.Batch(x[idx].to(device), y[idx].to(device))
         else:
-            idx, shared = torch.stack([batch[s] for s in pop.seeds]).to(x.device), False
-        xb, yb = x[idx].to(device), y[idx].to(device)
-        progress = step / steps
+            idx = torch.stack([batch[s] for s in pop.seeds]).to(x.device)
+            b = augment.Batch(x[idx].to(device), y[idx].to(device))
+        progress = step / horizon
         if on_device:  # a CPU tensor of t would not mix with the device's tensors
             progress = torch.tensor(progress, device=device)
-        loss = loss_fn(forward(pop.as_dict(), xb, shared, True), yb, pop.extra, progress)
+        with precision.autocast(device, recipe):
+            logits = forward(pop.as_dict(), b.x, shared, True)
+            loss = augment.mixed_loss(functools.partial(_call_stacked, loss_fn, pop.extra, progress), logits, b)
+        if loss.dtype in (torch.float16, torch.bfloat16):
+            loss = loss.float()
         finite = torch.isfinite(loss)
         newly = active & ~finite
         bad_step = torch.where(newly, step, bad_step)
@@ -305,15 +305,15 @@ def train_population(
             if weight_decay != 0:
                 grads = torch._foreach_add(grads, pop.params, alpha=weight_decay)
             if momentum != 0:
-                if pop.bufs is None:
-                    pop.bufs = [g.detach().clone() for g in grads]
+                if pop.momentum is None:
+                    pop.momentum = [g.detach().clone() for g in grads]
                 else:
-                    torch._foreach_mul_(pop.bufs, momentum)
-                    torch._foreach_add_(pop.bufs, grads)
+                    torch._foreach_mul_(pop.momentum, momentum)
+                    torch._foreach_add_(pop.momentum, grads)
                 if nesterov:
-                    grads = torch._foreach_add(grads, pop.bufs, alpha=momentum)
+                    grads = torch._foreach_add(grads, pop.momentum, alpha=momentum)
                 else:
-                    grads = pop.bufs
+                    grads = pop.momentum
             torch._foreach_add_(pop.params, grads, alpha=-lr)
         last_loss = loss.detach()
         check_abort = abort_step is not None and step + 1 == abort_step < steps
@@ -344,9 +344,8 @@ def train_population(
             results[i]["final_loss"] = float(final[j])
             results[i]["val_accuracy"] = val[j]
             results[i]["test_accuracy"] = test[j]
-            if keep_models:  # candidate j's slice of the stacked weights, as its own state dict
-                results[i]["state_dict"] = {k: p[j].detach().cpu().clone()
-                                            for k, p in zip(pop.names, pop.params, strict=True)}
+            if keep_models:  # candidate j's slice of the weights and buffers
+                results[i]["state_dict"] = pop.state_dict(j)
     return results
 
 
@@ -446,7 +445,7 @@ def train_many(
             else:
                 groups.setdefault(key, []).append(i)
         if any(len(g) > 1 for g in groups.values()):
-            reason = model_unbatchable(model_cfg, split, dev)
+            reason = precision.batchable(recipe) or model_unbatchable(model_cfg, split, dev)
             if reason is not None:
                 _warn_once(reason)
                 solo += [i for g in groups.values() for i in g]

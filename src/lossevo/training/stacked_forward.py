@@ -2,7 +2,9 @@
 
 Plain MLPs get a direct ``baddbmm`` path (the same per-candidate arithmetic as
 ``vmap(functional_call)`` with a fraction of its per-op cost); anything else is vmapped with
-independent randomness (dropout masks differ per candidate).
+independent randomness (dropout masks differ per candidate). ``params`` holds the stacked
+buffers too (BatchNorm running statistics), which a training-mode pass updates in place, each
+candidate's slice from its own batch statistics.
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ def _mlp_forward(model: nn.Module) -> Callable | None:
 def _population_forward(model: nn.Module) -> Callable:
     """``f(params, x, shared, training) -> [P, B, C]`` for stacked copies of ``model``.
 
-    ``shared``: x is one batch [B, ...] for every candidate, else [P, B, ...]. Plain MLPs use
-    :func:`_mlp_forward`; anything else ``vmap(functional_call)`` with independent randomness.
+    ``params``: stacked weights and buffers by name (buffers batched like the weights, in_dims
+    0). ``shared``: x is one batch [B, ...] for every candidate, else [P, B, ...]. Plain MLPs
+    use :func:`_mlp_forward`; anything else ``vmap(functional_call)`` with independent randomness.
     """
     fast = _mlp_forward(model)
     if fast is not None:

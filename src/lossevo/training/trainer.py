@@ -15,8 +15,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lossevo import models
+from lossevo import determinism, models
+from lossevo import recipe as recipe_mod
 from lossevo.data import Split
+from lossevo.recipe import steps_per_epoch  # noqa: F401 - trainer.steps_per_epoch
+from lossevo.training import augment, precision
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -42,10 +45,6 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[to
             buf = torch.cat([buf, torch.randperm(n, generator=gen)])
         yield buf[:batch_size]
         buf = buf[batch_size:]
-
-
-def steps_per_epoch(n_train: int, batch_size: int) -> int:
-    return max(1, math.ceil(n_train / batch_size))
 
 
 def lr_at(step: int, recipe: dict) -> float:
@@ -85,16 +84,21 @@ def train(
     ``keep_model``: a successful result also holds the final weights (``state_dict``, CPU).
 
     ``recipe`` holds lr, momentum, weight_decay, nesterov, batch_size, steps, milestones, gamma.
-    ``steps`` overrides the recipe's budget (partial training); the schedule's milestones are
-    scaled to it so a partial run sees the same shape of schedule.
+    ``steps`` overrides the recipe's budget (partial training); ``recipe['partial_schedule']``
+    says how the run follows the full schedule (:func:`lossevo.recipe.schedule`).
+    ``recipe['augment']`` augments every training batch (:mod:`lossevo.training.augment`; a
+    stream of its own seeded by ``seed``); without it no random number is drawn for it.
     """
     device = device or split.x_train.device
-    full = recipe["steps"]
-    steps = steps or full
-    scale = steps / full
-    sched = dict(recipe, milestones=[round(m * scale) for m in recipe.get("milestones", [])])
+    determinism.configure_torch(device)
+    steps = steps or recipe["steps"]
+    sched, horizon = recipe_mod.schedule(recipe, steps)
     model = init_model(model_cfg, split, seed, device)
+    x, y = split.x_train, split.y_train
+    if recipe.get("channels_last") and x.dim() == 4:
+        model, x = precision.channels_last(model, x)
     loss_fn = loss_fn.to(device)
+    scaler = precision.grad_scaler(device, recipe)
     opt = torch.optim.SGD(
         model.parameters(), lr=recipe["lr"], momentum=recipe.get("momentum", 0.0),
         weight_decay=recipe.get("weight_decay", 0.0), nesterov=recipe.get("nesterov", False),
@@ -103,25 +107,36 @@ def train(
     if abort and abort.get("epoch") is not None:
         abort_step = abort["epoch"] * steps_per_epoch(len(split.y_train), recipe["batch_size"])
     result = {"seed": seed, "steps": steps, "status": "ok", "reason": None}
-    x, y = split.x_train, split.y_train
     model.train()
     has_progress = getattr(loss_fn, "uses_progress", False)
+    aug_cfg = augment.parse(recipe.get("augment"))
+    augmenter = augment.Augmenter(aug_cfg, seed, fill=getattr(split, "pixel_zero", None)) if aug_cfg else None
     value = math.nan
     for step, idx in enumerate(batch_indices(len(y), recipe["batch_size"], steps, seed)):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, sched)
         if has_progress:
-            loss_fn.progress = step / steps
+            loss_fn.progress = step / horizon
         idx = idx.to(device)
-        loss = loss_fn(model(x[idx]), y[idx])
+        with precision.autocast(device, recipe):
+            if augmenter is None:
+                loss = loss_fn(model(x[idx]), y[idx])
+            else:
+                batch = augmenter(x[idx], y[idx])
+                loss = augment.mixed_loss(loss_fn, model(batch.x), batch)
         value = loss.item()
         if not math.isfinite(value):
             result.update(status="nan", reason=f"loss became {value} at step {step}",
                           steps_done=step, val_accuracy=0.0, test_accuracy=0.0)
             return result
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:  # fp16: dynamic loss scaling (a step whose gradients overflow is skipped)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         if abort_step is not None and step + 1 == abort_step < steps:
             acc = accuracy(model, split.x_val, split.y_val)
             if acc < abort["min_accuracy"]:
