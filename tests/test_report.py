@@ -232,3 +232,18 @@ def test_stale_sweep_is_an_error(built, tmp_path):
     path.unlink()
     with pytest.raises(LossevoError, match=r"lr_sweep\.json: not found"):
         report.build(exp)
+
+
+def test_one_basin_direction_reports_1d_basins_and_says_why_no_2d(built, tmp_path):
+    """basins.directions: 1 is valid: the report has the 1-D basins and says there is no 2-D grid."""
+    exp, _ = built
+    root = tmp_path / "tiny"
+    shutil.copytree(exp.root, root, ignore=shutil.ignore_patterns("report"))
+    cfg = json.loads(json.dumps(exp.cfg))
+    cfg["evaluate"]["basins"]["directions"] = 1
+    one = dataclasses.replace(exp, cfg=cfg, root=root)
+    analyses.basin_curves(one)
+    text = report.build(one).read_text()
+    assert "![1-D and 2-D basins]" in text
+    assert "No 2-D basins: they need two directions per seed (basins.directions is 1)." in text
+    assert "basins_2d.png" not in text

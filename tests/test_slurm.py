@@ -141,11 +141,11 @@ def test_dry_run_through_slurm_requests_a_gpu_for_training_rules_only(tiny):
 # --- the smoke workflow on a real SLURM cluster --------------------------------------------------
 
 def smoke_params(results: Path) -> dict:
-    """A trimmed tiny experiment: TaylorGLO 2 generations x 2 shards, cross-entropy and the TaylorGLO
+    """A trimmed tiny experiment: TaylorGLO 1 generation x 2 shards, cross-entropy and the TaylorGLO
     loss retrained over 2 seeds, every analysis on its smallest grid. (GLO runs through the same
     engine and rules; the local pipeline tests cover it.) What costs time under SLURM is the number
     of jobs and dependency levels, each level at least one status poll, not the training."""
-    params = tiny_params(results, generations=2, popsize=4, shards=2)
+    params = tiny_params(results, generations=1, popsize=4, shards=2)
     exp = params["experiments"]["tiny"]
     exp["search"] = {"tg": exp["search"]["tg"]}
     exp["retrain"] = {"seeds": 2, "losses": {"cross_entropy": {"kind": "cross_entropy"},

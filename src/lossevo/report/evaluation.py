@@ -84,12 +84,13 @@ def draw(ev: dict, fdir: Path) -> dict[str, Path]:
     out["basins"] = _save(fig, fdir / "basins.png")
 
     grids = [(n, r["grid_2d"]) for n, r in b["losses"].items() if r["grid_2d"]]
-    fig, axes = _figure(len(grids), width=3.2, height=3.0)
-    for ax, (name, g) in zip(axes, grids):
-        ax.contourf(b["alphas_2d"], b["alphas_2d"], np.asarray(g["accuracy"], float).T,
-                    levels=np.linspace(0, 1, 11), cmap="viridis")
-        ax.set(title=name, xlabel="α")
-    out["basins_2d"] = _save(fig, fdir / "basins_2d.png")
+    if grids:  # none with a single direction per seed (a 2-D grid needs two)
+        fig, axes = _figure(len(grids), width=3.2, height=3.0)
+        for ax, (name, g) in zip(axes, grids):
+            ax.contourf(b["alphas_2d"], b["alphas_2d"], np.asarray(g["accuracy"], float).T,
+                        levels=np.linspace(0, 1, 11), cmap="viridis")
+            ax.set(title=name, xlabel="α")
+        out["basins_2d"] = _save(fig, fdir / "basins_2d.png")
 
     w = ev["weights"]
     fig, (ax,) = _figure()
@@ -138,9 +139,12 @@ def sections(ev: dict, figs: dict[str, Path], rel) -> list[str]:
         rows.append([f"`{name}`", _ms(s["width"]) + _sig(tw), f"{tw['p']:.3g}" if tw else "–",
                      _ms(s["drop"]) + _sig(td), f"{td['p']:.3g}" if td else "–"])
     lines += _table(["loss", "width", "p (wider)", f"drop at ±{b['radius']:g}", "p (smaller)"], rows)
-    lines += ["", f"![1-D and 2-D basins]({rel(figs['basins'])})", "",
-              "2-D basins of every loss (first trained seed; same colour scale, 0 to 1):", "",
-              f"![2-D basins]({rel(figs['basins_2d'])})", ""]
+    lines += ["", f"![1-D and 2-D basins]({rel(figs['basins'])})", ""]
+    if "basins_2d" in figs:
+        lines += ["2-D basins of every loss (first trained seed; same colour scale, 0 to 1):", "",
+                  f"![2-D basins]({rel(figs['basins_2d'])})", ""]
+    else:
+        lines += [f"No 2-D basins: they need two directions per seed (basins.directions is {b['directions']}).", ""]
 
     lines += ["## Weight statistics", "",
               "Weights of the weight matrices and filters (biases excluded) of the retrained "
