@@ -67,3 +67,16 @@ def lossevo_cmd() -> list[str]:
     """The real console script next to this interpreter (falls back to ``python -m``)."""
     script = Path(sys.executable).with_name("lossevo")
     return [str(script)] if script.exists() else [sys.executable, "-m", "lossevo.cli"]
+
+
+SLURM_SMOKE = "test_slurm.py::test_smoke_workflow_through_slurm"
+
+
+def pytest_collection_finish(session):
+    """Run the SLURM cluster test last, started now in the background: it mostly waits on SLURM's
+    status polls, so it overlaps the rest of the suite instead of adding its wall time after it."""
+    smoke = [item for item in session.items if item.nodeid.endswith(SLURM_SMOKE)]
+    if smoke and not session.config.option.collectonly:
+        session.items.remove(smoke[0])
+        session.items.append(smoke[0])
+        smoke[0].module.start_in_background()
