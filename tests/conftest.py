@@ -63,6 +63,25 @@ def tiny(tmp_path: Path) -> Path:
     return path
 
 
+def trained_model(split, model_cfg: dict, recipe: dict, steps: int = 60, seed: int = 0):
+    """(model, result) of a cross-entropy run of trainer.train, the model captured from its
+    init_model call (the live network the run trained)."""
+    from lossevo import losses
+    from lossevo.training import trainer
+
+    box = {}
+    orig = trainer.init_model
+
+    def capture(*args, **kwargs):
+        box["model"] = orig(*args, **kwargs)
+        return box["model"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "init_model", capture)
+        res = trainer.train(model_cfg, split, losses.build({"kind": "cross_entropy"}), recipe, seed, steps=steps)
+    return box["model"], res
+
+
 def lossevo_cmd() -> list[str]:
     """The real console script next to this interpreter (falls back to ``python -m``)."""
     script = Path(sys.executable).with_name("lossevo")

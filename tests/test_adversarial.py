@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import trained_model
 from torch import nn
 
-from lossevo import data, losses, models
+from lossevo import data, models
 from lossevo.evaluate import adversarial as adv
 from lossevo.training import trainer
 
@@ -17,18 +18,8 @@ EPSILONS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
 
 
 def trained(split: data.Split, model_cfg: dict, steps: int = 60, seed: int = 0) -> tuple[nn.Module, dict]:
-    """A model trained by trainer.train (captured from its init_model call) and the run's result."""
-    box = {}
-    orig = trainer.init_model
-
-    def capture(*args, **kwargs):
-        box["model"] = orig(*args, **kwargs)
-        return box["model"]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer, "init_model", capture)
-        res = trainer.train(model_cfg, split, losses.build({"kind": "cross_entropy"}), RECIPE, seed, steps=steps)
-    return box["model"], res
+    """A model trained by trainer.train and the run's result."""
+    return trained_model(split, model_cfg, RECIPE, steps, seed)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import trained_model
 from torch import nn
 
-from lossevo import data, losses, models
+from lossevo import data, models
 from lossevo.evaluate import basins
 from lossevo.training import trainer
 
@@ -16,18 +17,8 @@ ALPHAS = [i / 10 for i in range(-10, 11)]
 
 
 def trained(split: data.Split, model_cfg: dict, steps: int = 60, seed: int = 0) -> nn.Module:
-    """A model trained by trainer.train (captured from its init_model call)."""
-    box = {}
-    orig = trainer.init_model
-
-    def capture(*args, **kwargs):
-        box["model"] = orig(*args, **kwargs)
-        return box["model"]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer, "init_model", capture)
-        trainer.train(model_cfg, split, losses.build({"kind": "cross_entropy"}), RECIPE, seed, steps=steps)
-    return box["model"]
+    """A model trained by trainer.train."""
+    return trained_model(split, model_cfg, RECIPE, steps, seed)[0]
 
 
 @pytest.fixture(scope="module")

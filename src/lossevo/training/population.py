@@ -216,7 +216,7 @@ def train_population(
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     abort_step = None
     if abort and abort.get("epoch") is not None:
-        per_epoch = trainer.steps_per_epoch(len(split.y_train), recipe["batch_size"])
+        per_epoch = recipe_mod.steps_per_epoch(len(split.y_train), recipe["batch_size"])
         abort_step = abort["epoch"] * per_epoch
 
     n_cand = len(seeds)

@@ -18,7 +18,6 @@ from torch import nn
 from lossevo import determinism, models
 from lossevo import recipe as recipe_mod
 from lossevo.data import Split
-from lossevo.recipe import steps_per_epoch  # noqa: F401 - trainer.steps_per_epoch
 from lossevo.training import augment, precision
 
 
@@ -105,7 +104,7 @@ def train(
     )
     abort_step = None
     if abort and abort.get("epoch") is not None:
-        abort_step = abort["epoch"] * steps_per_epoch(len(split.y_train), recipe["batch_size"])
+        abort_step = abort["epoch"] * recipe_mod.steps_per_epoch(len(split.y_train), recipe["batch_size"])
     result = {"seed": seed, "steps": steps, "status": "ok", "reason": None}
     model.train()
     has_progress = getattr(loss_fn, "uses_progress", False)
