@@ -160,7 +160,7 @@ def test_maxpool_reproduces_tensorflow_same_padding(h, w):
 def test_glo_cifar_cnn_layout_and_init():
     m = built("glo_cifar_cnn", {}, C24)
     kinds = [type(layer).__name__ for layer in m]
-    assert kinds == ["Conv2d", "ReLU", "MaxPool2d", "LocalResponseNorm", "Conv2d", "ReLU",
+    assert kinds == ["PerImageStandardize", "Conv2d", "ReLU", "MaxPool2d", "LocalResponseNorm", "Conv2d", "ReLU",
                      "LocalResponseNorm", "MaxPool2d", "Flatten", "Linear", "ReLU", "Linear", "Linear"]
     linears = [layer for layer in m if isinstance(layer, (nn.Conv2d, nn.Linear))]
     for layer, std, bias in zip(linears, [0.05, 0.05, 0.04, 0.04, 1 / 192], [0.0, 0.1, 0.1, 0.1, 0.0]):

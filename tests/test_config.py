@@ -262,7 +262,7 @@ def test_hostile_yaml_is_one_line(tmp_path, content, message):
 #: allcnnc(dropout)). Each builder has its own default, so the schema cannot state one; the code
 #: passes them as **kwargs and never indexes them (test_kwargs_only_keys_are_real_and_not_indexed).
 KWARGS_ONLY = {"model.hidden", "model.channels", "model.fc", "model.dropout", "model.depth", "model.widen",
-               "model.alpha", "model.fc2_relu"}
+               "model.alpha", "model.fc2_relu", "model.standardize", "model.tutorial_decay"}
 #: Loss-spec options the schema only bounds: their defaults depend on the kind and are filled by
 #: lossevo.losses.validate, which normalises every spec before any code reads it.
 SPEC_OPTIONS = {"loss_spec.order", "loss_spec.variables"}

@@ -158,7 +158,7 @@ def test_adversarial_fitness_is_fgsm_validation_accuracy(split):
     specs = [(0, {"kind": "cross_entropy"}), (1, {"kind": "baikal"})]
     model = {"name": "mlp", "hidden": [32]}
     clean = evaluate.evaluate(specs, split, model, recipe, 200, [5], None, torch.device("cpu"))
-    fit = {"kind": "fgsm", "epsilon": 0.1, "attack_loss": "cross_entropy", "dataset": "digits"}
+    fit = {"kind": "fgsm", "epsilon": 0.1, "attack_loss": "cross_entropy", "data": {"dataset": "digits"}}
     adv = evaluate.evaluate(specs, split, model, recipe, 200, [5], None, torch.device("cpu"), fit)
     for c, a in zip(clean, adv):
         assert a["attempts"][0]["val_accuracy_clean"] == c["fitness"]

@@ -25,9 +25,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lossevo import losses, models, recipe
+from lossevo import data, losses, models, recipe
 from lossevo.errors import LossevoError
 from lossevo.losses import taylor
+from lossevo.training import augment
 
 DEFAULT_PARAMS = "params.yaml"
 #: Top-level keys a command line may override (Snakemake's ``--config``). Only the selection:
@@ -234,6 +235,8 @@ def _check_experiment(name: str, exp: dict, source: str) -> None:
     """Cross-field checks the schema cannot express (model options, loss specs, search references, budgets)."""
     where = f"{source}: experiments.{name}"
     _check_model(f"{where}.model", exp["model"])
+    data.check(exp["data"], f"{where}.data")
+    augment.check(exp["training"].get("augment"), f"{where}.training.augment")
     recipe.resolve(exp, where)
     for lname, spec in exp["retrain"]["losses"].items():
         if "search" in spec:

@@ -19,7 +19,9 @@ from lossevo.data.torchvision_sets import CHANNEL_STATS, PAPER_VAL_SIZE, TORCHVI
 from lossevo.errors import LossevoError
 
 DATASETS = ("digits", *TORCHVISION_SETS)
-__all__ = ["CHANNEL_STATS", "DATASETS", "PAPER_VAL_SIZE", "Split", "download", "load", "load_prepared", "save"]
+IMAGE_SIDE = {"digits": 8, **torchvision_sets.IMAGE_SIDE}
+__all__ = ["CHANNEL_STATS", "DATASETS", "IMAGE_SIDE", "PAPER_VAL_SIZE", "Split", "central_crop", "check", "download",
+           "load", "load_prepared", "save"]
 
 
 @dataclass
@@ -39,7 +41,9 @@ class Split:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+        """The model's input: the evaluation images' shape (training images may be larger, for
+        random crops to this size: ``data.crop``)."""
+        return tuple(self.x_test.shape[1:])
 
     def to(self, device: torch.device | str) -> Split:
         fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
@@ -87,6 +91,28 @@ def _digits(cfg: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, 
     return x[train], y[train], x[val], y[val], x[test], y[test]
 
 
+def check(cfg: dict, where: str) -> None:
+    """Cross-field checks of a (schema-valid) ``data`` block without loading it; errors name the key."""
+    name = cfg["dataset"]
+    try:
+        torchvision_sets.normalization(name, cfg.get("normalize"))
+    except LossevoError as exc:
+        raise LossevoError(f"{where}.normalize: {exc}") from None
+    side = IMAGE_SIDE.get(name)
+    if cfg.get("crop") and side is not None and cfg["crop"] > side:
+        raise LossevoError(f"{where}.crop: {cfg['crop']} exceeds {name}'s {side}×{side} images")
+
+
+def central_crop(x: np.ndarray, size: int) -> np.ndarray:
+    """The central size×size window of images [N, C, H, W]: TensorFlow's
+    ``resize_image_with_crop_or_pad`` to a smaller size (offset ⌊(H − size)/2⌋ per axis)."""
+    h, w = x.shape[-2:]
+    if size > min(h, w):
+        raise LossevoError(f"data.crop: {size} exceeds the {h}×{w} images")
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
 def load(cfg: dict) -> Split:
     """Load ``cfg['dataset']`` and apply the split and the training-fraction option."""
     name = cfg["dataset"]
@@ -97,7 +123,9 @@ def load(cfg: dict) -> Split:
         zero = None
     else:
         xtr, ytr, xva, yva, xte, yte = torchvision_sets.read(name, cfg)
-        zero = torchvision_sets.pixel_zero(name)
+        zero = torchvision_sets.pixel_zero(name, cfg.get("normalize"))
+    if cfg.get("crop"):  # evaluation on central crops; training crops at random (training.augment)
+        xva, xte = central_crop(xva, cfg["crop"]), central_crop(xte, cfg["crop"])
     frac = cfg.get("train_fraction", 1.0)
     if frac < 1.0:
         from lossevo.recipe import fraction_size  # one rule, also used to count steps per epoch

@@ -15,6 +15,7 @@ import numpy as np
 from lossevo.errors import LossevoError
 
 TORCHVISION_SETS = ("mnist", "cifar10", "cifar100", "svhn")
+IMAGE_SIDE = {"mnist": 28, "cifar10": 32, "cifar100": 32, "svhn": 32}
 N_CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}  # CIFAR-100: the fine labels
 
 # Paper splits (TaylorGLO paper §5; docs/choices.md): validation is the tail of the pre-shuffled
@@ -56,16 +57,30 @@ def missing(name: str, root: Path) -> LossevoError:
                         f"fetch it with: lossevo download {name} --root {shlex.quote(str(root))})")
 
 
-def pixel_zero(name: str) -> np.ndarray | None:
-    """Per-channel value [C] of a black pixel after normalisation (−mean/std); None for raw pixels."""
-    if name not in CHANNEL_STATS:
+def normalization(name: str, normalize: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel (mean, std) in 0..255 units that loading subtracts and divides, None for raw
+    pixels / 255: ``data.normalize`` ``channel`` (the default where the dataset has statistics) or
+    ``none`` (the GLO CIFAR CNN, which standardizes each image itself)."""
+    if normalize == "none" or (normalize is None and name not in CHANNEL_STATS):
         return None
-    mean, std = (np.asarray(v, dtype=np.float32) for v in CHANNEL_STATS[name])
+    if name not in CHANNEL_STATS:
+        raise LossevoError(f"data.normalize={normalize!r}: {name} has no per-channel statistics "
+                           f"(it loads as raw pixels; datasets with them: {', '.join(CHANNEL_STATS)})")
+    return tuple(np.asarray(v, dtype=np.float32) for v in CHANNEL_STATS[name])
+
+
+def pixel_zero(name: str, normalize: str | None = None) -> np.ndarray | None:
+    """Per-channel value [C] of a black pixel after normalisation (−mean/std); None for raw pixels."""
+    stats = normalization(name, normalize)
+    if stats is None:
+        return None
+    mean, std = stats
     return -mean / std
 
 
 def read(name: str, cfg: dict) -> tuple[np.ndarray, ...]:
-    """Train/validation/test arrays of ``name``: pixels / 255, normalised per channel where stated.
+    """Train/validation/test arrays of ``name``: pixels / 255, normalised per channel where stated
+    (:func:`normalization`).
 
     The training set is pre-shuffled as the authors' sampler does (NumPy's legacy generator seeded
     with ``split_seed``: 42 gives their exact indices), training first and validation from the tail;
@@ -87,12 +102,13 @@ def read(name: str, cfg: dict) -> tuple[np.ndarray, ...]:
     test_size = cfg.get("test_size")
     test = np.arange(len(yte)) if not test_size else _stratified_subset(yte, test_size, cfg["split_seed"])
     parts = [(xtr[train], ytr[train]), (xtr[val], ytr[val]), (xte[test], yte[test])]
+    stats = normalization(name, cfg.get("normalize"))
     out = []
     for x, y in parts:
         x = x.astype(np.float32)
         x /= 255.0
-        if name in CHANNEL_STATS:
-            mean, std = (np.asarray(v, dtype=np.float32).reshape(1, -1, 1, 1) / 255.0 for v in CHANNEL_STATS[name])
+        if stats is not None:
+            mean, std = (v.reshape(1, -1, 1, 1) / 255.0 for v in stats)
             x -= mean
             x /= std
         out += [x, y]

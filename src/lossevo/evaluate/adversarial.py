@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lossevo.data import CHANNEL_STATS
+from lossevo.data import DATASETS, torchvision_sets
 from lossevo.errors import LossevoError
 
 #: The FGSM strengths of the authors' released code (its commented-out grid; 0.1 is its default).
@@ -34,19 +34,23 @@ AUTHORS_EPSILONS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 Stat = torch.Tensor | float
 
 
-def pixel_stats(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_stats(data_cfg: str | dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(mean, std)`` in [0, 1] pixel units, each of shape [C, 1, 1].
 
-    These invert the normalisation :func:`lossevo.data.load` applied: CIFAR-10 and SVHN use
-    ``CHANNEL_STATS / 255``; digits and MNIST are stored as raw pixels (mean 0, std 1).
+    These invert the normalisation :func:`lossevo.data.load` applied for ``data_cfg`` (the
+    ``data`` block, or a dataset name with its default normalisation): CIFAR and SVHN use
+    ``CHANNEL_STATS / 255`` unless ``normalize: none``; digits and MNIST are stored as raw pixels
+    (mean 0, std 1).
     """
-    if dataset in ("digits", "mnist"):
+    cfg = {"dataset": data_cfg} if isinstance(data_cfg, str) else data_cfg
+    name = cfg["dataset"]
+    if name not in DATASETS:
+        raise LossevoError(f"pixel_stats: dataset {name!r} is unknown (choose from {', '.join(DATASETS)})")
+    stats = torchvision_sets.normalization(name, cfg.get("normalize")) if name != "digits" else None
+    if stats is None:
         return torch.zeros(1, 1, 1), torch.ones(1, 1, 1)
-    if dataset in CHANNEL_STATS:
-        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) / 255.0 for v in CHANNEL_STATS[dataset])
-        return mean, std
-    raise LossevoError(f"pixel_stats: dataset {dataset!r} is unknown (choose from digits, mnist, "
-                       f"{', '.join(CHANNEL_STATS)})")
+    mean, std = (torch.from_numpy(v).view(-1, 1, 1) / 255.0 for v in stats)
+    return mean, std
 
 
 @contextmanager

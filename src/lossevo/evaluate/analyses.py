@@ -65,7 +65,7 @@ def fgsm(exp: Experiment, device=None) -> Path:
     """Test accuracy under FGSM for every ε, loss and seed; Welch test vs the baseline at each ε."""
     cfg = exp.cfg["evaluate"]["fgsm"]
     device, split = _setup(exp, device)
-    mean, std = (t.to(device) for t in adversarial.pixel_stats(exp.cfg["data"]["dataset"]))
+    mean, std = (t.to(device) for t in adversarial.pixel_stats(exp.cfg["data"]))
     eps = [float(e) for e in cfg["epsilons"]]
     acc: dict[str, list[list[float]]] = {}
     for name, ck, nets in _networks(exp, device):

@@ -92,6 +92,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def weight_decay_mask(model: nn.Module) -> list[bool]:
+    """Whether ``training.weight_decay`` applies to each parameter (``named_parameters`` order).
+
+    Every parameter, unless the builder set ``model.weight_decay_params`` (the names of the
+    decayed ones: the GLO CIFAR CNN decays only its hidden fully connected weights, as the
+    TensorFlow tutorial's code).
+    """
+    names = getattr(model, "weight_decay_params", None)
+    return [names is None or n in names for n, _ in model.named_parameters()]
+
+
 def build(name: str, input_shape: tuple[int, ...], n_classes: int, **kwargs) -> nn.Module:
     """Instantiate a registered model; unknown names and bad options are one-line errors."""
     if name not in MODELS:

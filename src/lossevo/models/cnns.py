@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 # TensorFlow's local_response_normalization(depth_radius=4, bias=1, alpha=0.001/9, beta=0.75)
@@ -39,6 +40,25 @@ def tf_same_maxpool(kernel: int, stride: int, h: int, w: int) -> nn.MaxPool2d:
     return nn.MaxPool2d(kernel, stride=stride, padding=(h % 2, w % 2), ceil_mode=True)
 
 
+class PerImageStandardize(nn.Module):
+    """TensorFlow's ``per_image_standardization`` of pixels stored in [0, 1]: each image minus its
+    mean over all values, divided by max(σ, 1/√N) with σ the population standard deviation of its
+    N values. TF applies the floor to 0..255 pixel values (the tutorial casts uint8 to float), so
+    here it is 1/(255·√N): the same numbers, scaled by 1/255, which the division cancels.
+    """
+
+    def __init__(self, pixel_range: float = 255.0) -> None:
+        super().__init__()
+        self.pixel_range = pixel_range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, x.dim()))
+        n = math.prod(x.shape[1:])
+        mean = x.mean(dim=dims, keepdim=True)
+        std = (x - mean).square().mean(dim=dims, keepdim=True).sqrt()
+        return (x - mean) / std.clamp_min(1.0 / (self.pixel_range * math.sqrt(n)))
+
+
 def alexnet_cifar(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     """Wei Yang's CIFAR AlexNet, as in the authors' trainer ("FC layers are removed"), for 32×32 inputs.
 
@@ -61,16 +81,24 @@ def alexnet_cifar(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     return nn.Sequential(features, nn.Flatten(), nn.Linear(256 * side(h) * side(w), n_classes))
 
 
-def glo_cifar_cnn(input_shape: tuple[int, ...], n_classes: int, fc2_relu: bool = False) -> nn.Module:
+def glo_cifar_cnn(input_shape: tuple[int, ...], n_classes: int, fc2_relu: bool = False,
+                  standardize: bool = True, tutorial_decay: bool = True) -> nn.Module:
     """GLO's CIFAR-10 basic CNN: the TensorFlow CIFAR-10 tutorial model on 24×24×3 crops.
 
-    conv5×5 (64) + ReLU → maxpool 3×3/2 → LRN → conv5×5 (64) + ReLU → LRN → maxpool 3×3/2 →
-    fc 384 + ReLU → fc 192 → linear classifier; 'SAME' padding throughout (24 → 12 → 6).
+    [per-image standardization] → conv5×5 (64) + ReLU → maxpool 3×3/2 → LRN → conv5×5 (64) + ReLU →
+    LRN → maxpool 3×3/2 → fc 384 + ReLU → fc 192 → linear classifier; 'SAME' padding throughout (24 → 12 → 6).
     Parameters: 4,864 + 102,464 + 885,120 + 73,920 + 193·n_classes = 1,068,298 for 10 classes
     (the tutorial's 1,068,298). The fc-192 layer is linear as the GLO paper describes it; the
     tutorial's code applies a ReLU there (``fc2_relu=True``). Initialization as the tutorial:
     truncated normal (±2σ) with σ = 0.05 (convs), 0.04 (fc), 1/192 (classifier); biases 0, 0.1,
     0.1, 0.1, 0.
+
+    ``standardize``: the first layer is the tutorial's per-image standardization
+    (:class:`PerImageStandardize`, no weights), which the tutorial applies to every image in
+    training and evaluation; as a layer, FGSM in pixel space differentiates through it as an
+    attack on the raw image would. It expects pixels in [0, 1] (``data.normalize: none``).
+    ``tutorial_decay``: ``training.weight_decay`` applies to the fc-384 and fc-192 weights only, as
+    the tutorial's code adds its L2 term (False: to every parameter, like the other models).
     """
     c, h, w = input_shape
     pool1 = tf_same_maxpool(3, 2, h, w)
@@ -83,8 +111,13 @@ def glo_cifar_cnn(input_shape: tuple[int, ...], n_classes: int, fc2_relu: bool =
                              (out, 1 / 192, 0.0)]:
         nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
         nn.init.constant_(layer.bias, bias)
-    return nn.Sequential(
+    net = nn.Sequential(
+        *([PerImageStandardize()] if standardize else []),
         conv1, nn.ReLU(), pool1, tf_lrn(),
         conv2, nn.ReLU(), tf_lrn(), pool2,
         nn.Flatten(), fc1, nn.ReLU(), fc2, *([nn.ReLU()] if fc2_relu else []), out,
     )
+    if tutorial_decay:
+        names = {id(p): n for n, p in net.named_parameters()}
+        net.weight_decay_params = (names[id(fc1.weight)], names[id(fc2.weight)])
+    return net

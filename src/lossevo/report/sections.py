@@ -60,7 +60,10 @@ def _settings_section(exp: Experiment, split: dict, searches: dict) -> list[str]
     lines = ["## Settings", ""]
     lines += _table(["setting", "value"], [
         ["dataset", f"{d['dataset']} (train_fraction {d.get('train_fraction', 1.0):g}, "
-                    f"split_seed {d.get('split_seed', 0)})"],
+                    f"split_seed {d.get('split_seed', 0)}"
+                    + (f", normalize {d['normalize']}" if d.get("normalize") else "")
+                    + (f", {d['crop']}×{d['crop']} crops: central for validation/test, random for training"
+                       if d.get("crop") else "") + ")"],
         ["split sizes", f"{split['train']} train / {split['val']} validation / "
                         f"{split['test']} test; {split['classes']} classes; "
                         f"input {split['input_shape']}"],
@@ -100,6 +103,10 @@ def _augment_text(cfg: dict | None) -> str:
         parts.append(f"random crop, padding {cfg['crop']['padding']}")
     if cfg.get("flip"):
         parts.append("horizontal flip")
+    if cfg.get("brightness"):
+        parts.append(f"brightness ± {cfg['brightness']['max_delta']:g}")
+    if cfg.get("contrast"):
+        parts.append(f"contrast × {cfg['contrast']['lower']:g}–{cfg['contrast']['upper']:g}")
     if cfg.get("cutout"):
         parts.append(f"Cutout {cfg['cutout']['holes']} × {cfg['cutout']['length']} px")
     if cfg.get("cutmix"):

@@ -204,8 +204,8 @@ def evaluate_shard(exp: Experiment, name: str, g: int, s: int, device=None) -> P
 
 
 def fitness_settings(exp: Experiment, name: str) -> dict:
-    """A search's fitness settings with what scoring needs from the experiment (the dataset)."""
-    return dict(exp.search_cfg(name)["fitness"], dataset=exp.cfg["data"]["dataset"])
+    """A search's fitness settings with what scoring needs from the experiment (its data settings)."""
+    return dict(exp.search_cfg(name)["fitness"], data=exp.cfg["data"])
 
 
 def timing_path(exp: Experiment, name: str, g: int, s: int) -> Path:

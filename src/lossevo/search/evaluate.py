@@ -128,7 +128,7 @@ def _score(results: list[dict], specs: list[dict], split: Split, model_cfg: dict
     from lossevo.evaluate import adversarial
     from lossevo.training import trainer
 
-    mean, std = (t.to(device) for t in adversarial.pixel_stats(fitness["dataset"]))
+    mean, std = (t.to(device) for t in adversarial.pixel_stats(fitness["data"]))
     for r, spec in zip(results, specs):
         state = r.pop("state_dict", None)
         if r["status"] != "ok" or state is None:

@@ -1,12 +1,20 @@
-"""Data augmentation of in-memory training batches: random crop, horizontal flip, Cutout, CutMix.
+"""Data augmentation of in-memory training batches: random crop, flip, brightness, contrast, Cutout, CutMix.
 
-The ops run in that order on a normalised batch ``x`` [B, C, H, W] (``training.augment`` in
-params.yaml; :func:`parse` turns it into settings, None meaning no augmentation):
+The ops run in that order on a batch ``x`` [B, C, H, W] as the data stage stored it
+(``training.augment`` in params.yaml; :func:`for_split` turns it into settings, None meaning no
+augmentation):
 
-* **crop** (padding p): pad by p with the black-pixel value per channel (``Split.pixel_zero``, 0
-  where unset: torchvision pads the raw image before normalising), take an H×W window at a uniform
-  offset in [0, 2p]² per sample.
+* **crop** (padding p, size h×w): pad by p with the black-pixel value per channel
+  (``Split.pixel_zero``, 0 where unset: torchvision pads the raw image before normalising), take
+  an h×w window at a uniform offset in [0, H + 2p − h] × [0, W + 2p − w] per sample. The window is
+  the model's input size: H×W, or ``data.crop`` where the evaluation images are central crops
+  (the TensorFlow CIFAR-10 tutorial's random 24×24 crops of the 32×32 images, no padding).
 * **flip**: mirror each sample left-right with probability 1/2.
+* **brightness** (max_delta d) and **contrast** (lower, upper): TensorFlow's ``random_brightness``
+  (add one δ ~ U[−d, d) per image) and ``random_contrast`` (per image a factor f ~ U[lower, upper),
+  each channel scaled by f about its spatial mean), unclipped as in the tutorial, which applies
+  them to raw pixels: use them with ``data.normalize: none``. Followed by a per-image
+  standardization (the GLO CNN's first layer), brightness changes nothing: the tutorial's, too.
 * **Cutout** (DeVries & Taylor 2017): per sample and hole, a length × length square centred at a
   uniform pixel (rows c − ⌊L/2⌋ … c − ⌊L/2⌋ + L − 1, the reference code's for even L), clipped at
   the border, set to 0 (applied after normalisation, as the reference).
@@ -39,8 +47,12 @@ import numpy as np
 import torch
 from scipy.special import betaincinv
 
+from lossevo.errors import LossevoError
+
 #: The ops in the order they are applied.
-OPS = ("crop", "flip", "cutout", "cutmix")
+OPS = ("crop", "flip", "brightness", "contrast", "cutout", "cutmix")
+#: Each op's index in its generator's seed: fixed, so adding an op leaves the others' streams alone.
+_SEED_INDEX = {"crop": 0, "flip": 1, "cutout": 2, "cutmix": 3, "brightness": 4, "contrast": 5}
 #: Mixed into every op's seed so the streams differ from the batch-order generator's.
 _SALT = 0x6C6F7373_61756721
 
@@ -59,11 +71,17 @@ def parse(cfg: dict | None) -> dict | None:
     if not cfg:
         return None
     out: dict = {}
-    padding = int((cfg.get("crop") or {}).get("padding", 0))
-    if padding > 0:
-        out["crop"] = {"padding": padding}
+    crop = cfg.get("crop") or {}
+    padding = int(crop.get("padding", 0))
+    if padding > 0 or "size" in crop:  # size: set by for_split, never in params.yaml
+        out["crop"] = {"padding": padding, **({"size": tuple(crop["size"])} if "size" in crop else {})}
     if cfg.get("flip"):
         out["flip"] = True
+    if cfg.get("brightness") is not None:
+        out["brightness"] = {"max_delta": float(cfg["brightness"]["max_delta"])}
+    if cfg.get("contrast") is not None:
+        c = cfg["contrast"]
+        out["contrast"] = {"lower": float(c["lower"]), "upper": float(c["upper"])}
     if cfg.get("cutout") is not None:
         c = cfg["cutout"]
         out["cutout"] = {"holes": int(c.get("holes", 1)), "length": int(c.get("length", 16))}
@@ -73,9 +91,27 @@ def parse(cfg: dict | None) -> dict | None:
     return out or None
 
 
+def check(cfg: dict | None, where: str) -> None:
+    """Cross-field checks of a (schema-valid) ``training.augment`` block; errors name the key."""
+    c = (cfg or {}).get("contrast")
+    if c is not None and c["lower"] > c["upper"]:
+        raise LossevoError(f"{where}.contrast: lower {c['lower']} exceeds upper {c['upper']}")
+
+
+def for_split(cfg: dict | None, split) -> dict | None:
+    """:func:`parse` for training on ``split``: the crop's window is the model's input size, and a
+    split whose evaluation images are smaller than its training images (``data.crop``) always
+    gets the random crop that brings them to that size."""
+    out = parse(cfg) or {}
+    size = tuple(split.input_shape[-2:])
+    if len(split.x_train.shape) == 4 and tuple(split.x_train.shape[-2:]) != size:
+        out["crop"] = dict(out.get("crop", {"padding": 0}), size=size)
+    return out or None
+
+
 def op_seed(seed: int, op: str) -> int:
     """The 64-bit seed of ``op``'s generator for training seed ``seed``."""
-    state = np.random.SeedSequence([seed % 2**64, _SALT, OPS.index(op)]).generate_state(2, np.uint32)
+    state = np.random.SeedSequence([seed % 2**64, _SALT, _SEED_INDEX[op]]).generate_state(2, np.uint32)
     return int(state[0]) | int(state[1]) << 32
 
 
@@ -85,17 +121,20 @@ def _span(start: torch.Tensor, stop: torch.Tensor, size: int, device: torch.devi
     return (i >= start.to(device)[..., None]) & (i < stop.to(device)[..., None])
 
 
-def crop(x: torch.Tensor, offsets: torch.Tensor, padding: int, fill: torch.Tensor | None = None) -> torch.Tensor:
-    """Windows of x padded by ``padding`` (filled with ``fill`` [C], or 0) at ``offsets`` [B, 2] (row, col)."""
+def crop(x: torch.Tensor, offsets: torch.Tensor, padding: int, fill: torch.Tensor | None = None,
+         size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``size`` windows (default H×W) of x padded by ``padding`` (filled with ``fill`` [C], or 0)
+    at ``offsets`` [B, 2] (row, col)."""
     b, c, h, w = x.shape
+    sh, sw = size or (h, w)
     dev = x.device
     padded = x.new_zeros(b, c, h + 2 * padding, w + 2 * padding)
     if fill is not None:
         padded.copy_(fill.to(device=dev, dtype=x.dtype).view(1, c, 1, 1).expand_as(padded))
     padded[:, :, padding:padding + h, padding:padding + w] = x
     off = offsets.to(dev)
-    rows = off[:, 0, None] + torch.arange(h, device=dev)  # [B, H]
-    cols = off[:, 1, None] + torch.arange(w, device=dev)  # [B, W]
+    rows = off[:, 0, None] + torch.arange(sh, device=dev)  # [B, h]
+    cols = off[:, 1, None] + torch.arange(sw, device=dev)  # [B, w]
     bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
     ci = torch.arange(c, device=dev).view(1, c, 1, 1)
     return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
@@ -104,6 +143,17 @@ def crop(x: torch.Tensor, offsets: torch.Tensor, padding: int, fill: torch.Tenso
 def flip(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Mirror left-right the samples whose ``bits`` [B] are set."""
     return torch.where(bits.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def brightness(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Add ``delta`` [B] to every value of each sample (TensorFlow's ``adjust_brightness``, float)."""
+    return x + delta.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+
+
+def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Scale each channel about its spatial mean by ``factor`` [B] (TensorFlow's ``adjust_contrast``)."""
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    return (x - mean) * factor.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1) + mean
 
 
 def cutout(x: torch.Tensor, centres: torch.Tensor, length: int) -> torch.Tensor:
@@ -156,10 +206,23 @@ class Augmenter:
         b, _, h, w = x.shape
         cfg, gen = self.cfg, self._gen
         if "crop" in cfg:
-            p = cfg["crop"]["padding"]
-            x = crop(x, torch.randint(0, 2 * p + 1, (b, 2), generator=gen["crop"]), p, self.fill)
+            p, g = cfg["crop"]["padding"], gen["crop"]
+            sh, sw = cfg["crop"].get("size", (h, w))
+            room = (h + 2 * p - sh, w + 2 * p - sw)
+            if room[0] == room[1]:  # one draw for both axes (the square case: every paper's)
+                offsets = torch.randint(0, room[0] + 1, (b, 2), generator=g)
+            else:
+                offsets = torch.stack([torch.randint(0, r + 1, (b,), generator=g) for r in room], dim=1)
+            x = crop(x, offsets, p, self.fill, (sh, sw))
+            h, w = sh, sw
         if "flip" in cfg:
             x = flip(x, torch.randint(0, 2, (b,), generator=gen["flip"]).bool())
+        if "brightness" in cfg:
+            d = cfg["brightness"]["max_delta"]
+            x = brightness(x, (torch.rand(b, dtype=torch.float64, generator=gen["brightness"]) * 2 - 1) * d)
+        if "contrast" in cfg:
+            lo, hi = cfg["contrast"]["lower"], cfg["contrast"]["upper"]
+            x = contrast(x, lo + (hi - lo) * torch.rand(b, dtype=torch.float64, generator=gen["contrast"]))
         if "cutout" in cfg:
             k, g = cfg["cutout"]["holes"], gen["cutout"]
             centres = torch.stack([torch.randint(0, h, (b, k), generator=g),

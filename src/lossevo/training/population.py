@@ -125,7 +125,7 @@ def _vmap_probe(model: nn.Module, split: Split, device: torch.device) -> None:
     raises if it cannot."""
     pop = _Population([model, model], [], [0, 0])
     forward = _population_forward(model)
-    x = split.x_train[:2].to(device)
+    x = split.x_test[:2].to(device)  # the model's input size (training images may be larger)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         total = forward(pop.as_dict(), x, True, True).float().square().sum()
         torch.autograd.grad(total, pop.params)
@@ -228,13 +228,16 @@ def train_population(
     loss_fn, extra = _stacked_loss(loss_fns, device)
     pop = _Population([built[s] for s in seeds], extra, seeds)
     forward = _population_forward(built[seeds[0]])
+    decayed = dict(zip((n for n, _ in built[seeds[0]].named_parameters()),
+                       models.weight_decay_mask(built[seeds[0]]), strict=True))
+    decay_at = [i for i, n in enumerate(pop.names) if decayed[n]]  # stacked weights that decay
     del built
 
     results = [{"seed": s, "steps": steps, "status": "ok", "reason": None} for s in seeds]
 
     x, y = split.x_train, split.y_train
     streams = {s: trainer.batch_indices(len(y), recipe["batch_size"], steps, s) for s in set(seeds)}
-    aug_cfg = augment.parse(recipe.get("augment"))
+    aug_cfg = augment.for_split(recipe.get("augment"), split)
     fill = getattr(split, "pixel_zero", None)
     augmenters = {s: augment.Augmenter(aug_cfg, s, fill=fill) for s in set(seeds)} if aug_cfg else None
     # On the CPU checking for non-finite losses every step costs nothing; on an accelerator the
@@ -302,8 +305,13 @@ def train_population(
         total = torch.where(active, loss, torch.zeros_like(loss)).sum()
         grads = list(torch.autograd.grad(total, pop.params))
         with torch.no_grad():
-            if weight_decay != 0:
+            if weight_decay != 0 and len(decay_at) == len(grads):
                 grads = torch._foreach_add(grads, pop.params, alpha=weight_decay)
+            elif weight_decay != 0:  # the model decays only some weights (models.weight_decay_mask)
+                for i, g in zip(decay_at, torch._foreach_add([grads[i] for i in decay_at],
+                                                             [pop.params[i] for i in decay_at],
+                                                             alpha=weight_decay), strict=True):
+                    grads[i] = g
             if momentum != 0:
                 if pop.momentum is None:
                     pop.momentum = [g.detach().clone() for g in grads]

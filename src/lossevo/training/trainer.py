@@ -98,17 +98,23 @@ def train(
         model, x = precision.channels_last(model, x)
     loss_fn = loss_fn.to(device)
     scaler = precision.grad_scaler(device, recipe)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=recipe["lr"], momentum=recipe.get("momentum", 0.0),
-        weight_decay=recipe.get("weight_decay", 0.0), nesterov=recipe.get("nesterov", False),
-    )
+    weight_decay = recipe.get("weight_decay", 0.0)
+    mask = models.weight_decay_mask(model)
+    params = list(model.parameters())
+    if all(mask):
+        groups = [{"params": params}]
+    else:  # the model decays only some weights (models.weight_decay_mask)
+        groups = [{"params": [p for p, m in zip(params, mask, strict=True) if m]},
+                  {"params": [p for p, m in zip(params, mask, strict=True) if not m], "weight_decay": 0.0}]
+    opt = torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe.get("momentum", 0.0),
+                          weight_decay=weight_decay, nesterov=recipe.get("nesterov", False))
     abort_step = None
     if abort and abort.get("epoch") is not None:
         abort_step = abort["epoch"] * recipe_mod.steps_per_epoch(len(split.y_train), recipe["batch_size"])
     result = {"seed": seed, "steps": steps, "status": "ok", "reason": None}
     model.train()
     has_progress = getattr(loss_fn, "uses_progress", False)
-    aug_cfg = augment.parse(recipe.get("augment"))
+    aug_cfg = augment.for_split(recipe.get("augment"), split)
     augmenter = augment.Augmenter(aug_cfg, seed, fill=getattr(split, "pixel_zero", None)) if aug_cfg else None
     value = math.nan
     for step, idx in enumerate(batch_indices(len(y), recipe["batch_size"], steps, seed)):
