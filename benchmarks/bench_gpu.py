@@ -15,7 +15,7 @@ Warm-up runs of every shape come first and are not timed; the two sides then alt
 ``--reps`` times, and the table shows medians.
 
 Achieved FLOP/s: a candidate-step is estimated at 3 × 2 × its forward MACs
-(``population.candidate_cost``; backward ≈ twice the forward), times the measured rate, shown
+(``batch_plan.candidate_cost``; backward ≈ twice the forward), times the measured rate, shown
 as a fraction of a large fp32 ``torch.mm``'s FLOP/s measured in the same run on the same device
 with the same TF32 setting (the determinism mode's, applied before torch loads).
 """
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from lossevo import environment, losses, models
     from lossevo.data import Split
     from lossevo.losses import taylor
-    from lossevo.training import population
+    from lossevo.training import batch_plan
 
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cfg, recipe = w["model"], w["recipe"]
         split = synthetic(w)
-        macs = population.candidate_cost(cfg, split, recipe["batch_size"])[1]
+        macs = batch_plan.candidate_cost(cfg, split, recipe["batch_size"])[1]
         flops = 3 * 2 * macs
-        reason = population.model_unbatchable(cfg, split, device)
+        reason = batch_plan.model_unbatchable(cfg, split, device)
         if reason:
             notes.append(f"{name}: batched=True trains one after another: {reason}")
 

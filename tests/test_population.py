@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lossevo import data, losses
-from lossevo.training import population, stacked_loss, trainer
+from lossevo.training import batch_plan, population, stacked_loss, trainer
 
 MODEL = {"name": "mlp", "hidden": [64]}  # no dropout: batched and single runs are comparable
 RECIPE = {"lr": 0.1, "batch_size": 32, "steps": 60, "momentum": 0.9, "weight_decay": 1e-3,
@@ -26,8 +26,8 @@ def split():
 @pytest.fixture(autouse=True)
 def fresh_warnings():
     population._warned.clear()
-    population._noted.clear()
-    population._model_checks.clear()
+    batch_plan._noted.clear()
+    batch_plan._model_checks.clear()
     yield
 
 
@@ -184,16 +184,16 @@ def test_dropout_and_generic_vmap_path_run(split):
 
 
 def test_compute_bound_model_on_cpu_trains_one_by_one(split, monkeypatch, caplog):
-    monkeypatch.setattr(population, "CPU_MAX_BATCHED_MACS", 0)
+    monkeypatch.setattr(batch_plan, "CPU_MAX_BATCHED_MACS", 0)
     specs, seeds = learners(2), [0, 1]
-    with caplog.at_level("INFO", logger="lossevo.training.population"):
+    with caplog.at_level("INFO", logger="lossevo.training.batch_plan"):
         auto = population.train_many(MODEL, split, specs, RECIPE, seeds, steps=10)
         population.train_many(MODEL, split, specs, RECIPE, seeds, steps=10)
     assert len([r for r in caplog.records if "compute-bound" in r.getMessage()]) == 1
     assert auto == single(split, specs, seeds, steps=10)
     forced = population.train_many(MODEL, split, specs, RECIPE, seeds, steps=10, batched=True)
     assert_same(forced, auto, len(split.y_val))
-    cost = population.candidate_cost(MODEL, split, 32)
+    cost = batch_plan.candidate_cost(MODEL, split, 32)
     assert cost[1] == 32 * (64 * 64 + 64 * 10)
 
 

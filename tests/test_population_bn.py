@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lossevo import data, models
-from lossevo.training import population, trainer
+from lossevo.training import batch_plan, population, trainer
 
 RECIPE = {"lr": 0.1, "batch_size": 32, "steps": 20, "momentum": 0.9, "weight_decay": 1e-3,
           "nesterov": True, "milestones": [15], "gamma": 0.1}
@@ -78,8 +78,8 @@ def registered(monkeypatch):
     monkeypatch.setitem(models.MODELS, "tiny_resnet", TinyResNet)
     monkeypatch.setitem(models.MODELS, "bn_cumulative", bn_cumulative)
     population._warned.clear()
-    population._noted.clear()
-    population._model_checks.clear()
+    batch_plan._noted.clear()
+    batch_plan._model_checks.clear()
     yield
 
 
@@ -188,7 +188,7 @@ def test_bn_batched_matches_one_by_one(model, which, dtype, seeds, digits, defau
     default_dtype(dtype)
     split = as_dtype(digits if which == "digits" else blobs((3, 16, 16)), dtype)
     specs = learners(len(seeds))
-    assert population.model_unbatchable(model, split, torch.device("cpu")) is None
+    assert batch_plan.model_unbatchable(model, split, torch.device("cpu")) is None
     kw = dict(keep_models=True, steps=None if which == "digits" else 6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # BatchNorm is no reason to fall back

@@ -12,7 +12,8 @@ Semantics are those of :func:`lossevo.training.trainer.train`, candidate by cand
 - initial weights from ``trainer.init_model(model_cfg, split, seed, device)``;
 - batches from ``trainer.batch_indices`` per seed (candidates that share a seed share the
   batch; otherwise each gathers its own, ``x[idx]`` with ``idx`` of shape [P, B]);
-- ``torch.optim.SGD``'s math (weight decay added to the gradient, momentum buffer = gradient on
+- ``torch.optim.SGD``'s math (weight decay added to the gradient of the weights the model
+  decays, :func:`lossevo.models.weight_decay_mask`; momentum buffer = gradient on
   the first step, dampening 0, Nesterov), ``trainer.lr_at`` with the partial-run schedule of
   :func:`lossevo.recipe.schedule` (truncated or rescaled), ``loss.progress = step / horizon``;
 - the per-candidate stop rules: a non-finite loss stops *that* candidate (status ``nan``) before
@@ -42,9 +43,9 @@ centres/coefficients; every GLO tree — kinds ``tree``, ``baikal_cma``, ``fast_
 class reduction and one leaf set is one group whatever its expression and coefficients: the
 inputs x, y, logit are computed once for the stack and each candidate's compiled tree runs on
 its own slice), and each group with more than one member is batched, in chunks of at
-most ``max_population`` (default: up to :data:`DEFAULT_MAX_POPULATION`, fewer when
-:func:`candidate_cost` says the model is big). On the CPU a compute-bound model (above
-:data:`CPU_MAX_BATCHED_MACS`) gains nothing from batching and is trained one by one (logged
+most ``max_population`` (default: up to :data:`.batch_plan.DEFAULT_MAX_POPULATION`, fewer when
+:func:`.batch_plan.candidate_cost` says the model is big). On the CPU a compute-bound model (above
+:data:`.batch_plan.CPU_MAX_BATCHED_MACS`) gains nothing from batching and is trained one by one (logged
 once). A model that fails a 2-candidate vmap probe (training step and evaluation, buffers
 included; e.g. BatchNorm with ``momentum=None``, whose cumulative average reads its step count
 in Python), or a loss kind this module does not know, falls back to the sequential trainer with
@@ -55,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -67,7 +67,7 @@ from lossevo import determinism, losses, models
 from lossevo import recipe as recipe_mod
 from lossevo.data import Split
 from lossevo.errors import LossevoError
-from lossevo.training import augment, precision, trainer
+from lossevo.training import augment, batch_plan, precision, trainer
 from lossevo.training.stacked_forward import _population_forward
 from lossevo.training.stacked_loss import (  # noqa: F401 - re-exported
     BATCHABLE_KINDS,
@@ -77,21 +77,9 @@ from lossevo.training.stacked_loss import (  # noqa: F401 - re-exported
 )
 from lossevo.training.stacked_state import _Population
 
-#: Candidates trained together in one batched pass unless ``max_population`` says otherwise.
-DEFAULT_MAX_POPULATION = 32
-#: Memory a batched pass may plan for (see :func:`candidate_cost`); on CUDA at least a quarter
-#: of the device's memory.
-STATE_BUDGET_BYTES = 2 << 30
-#: On the CPU, batching pays where per-call overhead dominates a step; above this many forward
-#: MACs per candidate-step (2 cores: MLP 64-100-100-10 at batch 32 is 0.6M and batches 5-10×
-#: faster; small_cnn on 28×28 at 36M and the MNIST CNN at 56M+ batch slower) train one by one.
-CPU_MAX_BATCHED_MACS = 10_000_000
 #: Rows × candidates per batched evaluation chunk (``trainer.accuracy`` uses 2048 rows per model).
 EVAL_ELEMENTS = 8192
 _warned: set[str] = set()
-_noted: set[str] = set()
-log = logging.getLogger(__name__)
-_model_checks: dict[str, str | None] = {}
 
 
 def _warn_once(reason: str) -> None:
@@ -111,44 +99,6 @@ def _as_dict(spec: dict | str) -> dict:
         return json.loads(spec)
     except json.JSONDecodeError as exc:
         raise LossevoError(f"loss spec is not valid JSON: {exc.msg}") from None
-
-
-def _note_once(message: str) -> None:
-    """Log (info) once per process a deliberate choice not to batch."""
-    if message not in _noted:
-        _noted.add(message)
-        log.info(message)
-
-
-def _vmap_probe(model: nn.Module, split: Split, device: torch.device) -> None:
-    """Run a 2-candidate batched training step (buffers updated) and evaluation on 2 examples;
-    raises if it cannot."""
-    pop = _Population([model, model], [], [0, 0])
-    forward = _population_forward(model)
-    x = split.x_test[:2].to(device)  # the model's input size (training images may be larger)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        total = forward(pop.as_dict(), x, True, True).float().square().sum()
-        torch.autograd.grad(total, pop.params)
-        with torch.no_grad():
-            forward(pop.as_dict(), x, True, False)
-
-
-def model_unbatchable(model_cfg: dict, split: Split, device: torch.device) -> str | None:
-    """Why ``model_cfg`` cannot be trained as a population on ``device`` (None if it can)."""
-    key = json.dumps([model_cfg, list(split.input_shape), split.n_classes, device.type],
-                     sort_keys=True, default=str)
-    if key not in _model_checks:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            model = trainer.init_model(model_cfg, split, 0, device)
-        reason = None
-        try:
-            _vmap_probe(model, split, device)
-        except Exception as exc:  # noqa: BLE001 - any failure means "not batchable"
-            first = (str(exc).splitlines() or [""])[0][:200]
-            reason = (f"model {model_cfg['name']} fails as a batched population "
-                      f"({type(exc).__name__}: {first})")
-        _model_checks[key] = reason
-    return _model_checks[key]
 
 
 def _call_stacked(loss_fn: Callable, extra: list, progress, logits: torch.Tensor, target: torch.Tensor):
@@ -200,7 +150,7 @@ def train_population(
 
     The losses must be of one kind and setting, or all GLO trees with one class reduction (see
     :func:`loss_group`), and the model must be
-    batchable (see :func:`model_unbatchable`); :func:`train_many` checks both. Returns one
+    batchable (see :func:`.batch_plan.model_unbatchable`); :func:`train_many` checks both. Returns one
     :func:`trainer.train` result per candidate.
     """
     if len(loss_fns) != len(seeds):
@@ -357,52 +307,6 @@ def train_population(
     return results
 
 
-def candidate_cost(model_cfg: dict, split: Split, batch_size: int) -> tuple[int, int]:
-    """(bytes, MACs) of one candidate's training step, estimated on the meta device.
-
-    Bytes: weights ×4 (weights, gradients, momentum, update temporaries) plus activations ×3
-    (forward, saved for backward, gradients), float32. MACs: forward multiply-accumulates of the
-    linear and convolution layers for one batch.
-    """
-    kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
-    with torch.device("meta"):
-        model = models.build(model_cfg["name"], split.input_shape, split.n_classes, **kwargs)
-        acts, macs = [0], [0]
-
-        def count(module, inputs, output):
-            if isinstance(output, torch.Tensor) and not list(module.children()):
-                acts[0] += output.numel()
-                if isinstance(module, nn.Linear):
-                    macs[0] += output.numel() * module.in_features
-                elif isinstance(module, nn.modules.conv._ConvNd):
-                    per_out = module.in_channels // module.groups * math.prod(module.kernel_size)
-                    macs[0] += output.numel() * per_out
-
-        hooks = [m.register_forward_hook(count) for m in model.modules()]
-        model(torch.empty(batch_size, *split.input_shape))
-        for h in hooks:
-            h.remove()
-    n_params = sum(p.numel() for p in model.parameters())
-    return 4 * (4 * n_params + 3 * acts[0]), macs[0]
-
-
-def _population_cap(model_cfg: dict, split: Split, batch_size: int, device: torch.device,
-                    max_population: int | None, forced: bool) -> int:
-    """Candidates per batched pass: ``max_population``, else the default bounded by memory and,
-    on the CPU (unless ``forced``), 1 for models whose compute, not overhead, dominates a step."""
-    n_bytes, macs = candidate_cost(model_cfg, split, batch_size)
-    if device.type == "cpu" and macs > CPU_MAX_BATCHED_MACS and not forced:
-        _note_once(f"model {model_cfg['name']} is compute-bound on the CPU ({macs / 1e6:.0f}M "
-                   f"MACs a step): training candidates one after another")
-        return 1
-    if max_population is not None:
-        return max(1, max_population)
-    budget = STATE_BUDGET_BYTES
-    if device.type == "cuda":
-        budget = max(budget, torch.cuda.get_device_properties(device).total_memory // 4)
-    return max(1, min(DEFAULT_MAX_POPULATION, budget // max(1, n_bytes)))
-
-
 def train_many(
     model_cfg: dict,
     split: Split,
@@ -424,10 +328,10 @@ def train_many(
     the CPU), e.g. for retraining, whose networks the evaluation stages reuse.
 
     Candidates whose losses batch together (:func:`loss_group`) are trained as populations of at
-    most ``max_population`` (default :data:`DEFAULT_MAX_POPULATION`, lowered for big models);
+    most ``max_population`` (default :data:`.batch_plan.DEFAULT_MAX_POPULATION`, lowered for big models);
     the rest, and everything when the model cannot be batched, one after another.
     ``batched=False`` forces the sequential trainer; None (default) batches where possible and
-    worthwhile; ``True`` also batches models :data:`CPU_MAX_BATCHED_MACS` keeps sequential.
+    worthwhile; ``True`` also batches models :data:`.batch_plan.CPU_MAX_BATCHED_MACS` keeps sequential.
     """
     if len(specs) != len(seeds):
         raise ValueError(f"{len(specs)} specs but {len(seeds)} seeds")
@@ -453,14 +357,14 @@ def train_many(
             else:
                 groups.setdefault(key, []).append(i)
         if any(len(g) > 1 for g in groups.values()):
-            reason = precision.batchable(recipe) or model_unbatchable(model_cfg, split, dev)
+            reason = precision.batchable(recipe) or batch_plan.model_unbatchable(model_cfg, split, dev)
             if reason is not None:
                 _warn_once(reason)
                 solo += [i for g in groups.values() for i in g]
                 groups = {}
     if any(len(g) > 1 for g in groups.values()):
-        cap = _population_cap(model_cfg, split, recipe["batch_size"], dev, max_population,
-                              forced=batched is True)
+        cap = batch_plan.population_cap(model_cfg, split, recipe["batch_size"], dev, max_population,
+                                        forced=batched is True)
     for members in groups.values():
         if len(members) == 1:
             solo += members
