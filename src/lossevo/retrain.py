@@ -43,8 +43,9 @@ def retrain(exp: Experiment, loss: str, device=None) -> Path:
     split = data_mod.load_prepared(exp.data_path).to(device)
     run_seeds = seeds(exp)
     t0 = time.perf_counter()
+    every = exp.cfg["retrain"].get("curve_every")
     results = train_many(exp.cfg["model"], split, [spec] * len(run_seeds), exp.cfg["training"],
-                         run_seeds, device=device, keep_models=True)
+                         run_seeds, device=device, keep_models=True, curve_every=every)
     # The wall time is a log, not a result: retrain/<loss>.json must hash the same on a rerun.
     write_json(exp.root / "logs" / "retrain" / f"{loss}.timing.json",
                {"seconds": time.perf_counter() - t0, "device": str(device)})
@@ -56,7 +57,7 @@ def retrain(exp: Experiment, loss: str, device=None) -> Path:
     # What produced the directory: every retraining process of the stage writes the same record
     # (atomically), so concurrent Snakemake jobs and pool workers may race harmlessly.
     write_json(environment.stage_paths(exp)["retrain"], environment.record(device))
-    return write_json(exp.retrain_path(loss), {
+    record = {
         "loss": loss,
         "spec": spec,
         "device": str(device),
@@ -66,7 +67,19 @@ def retrain(exp: Experiment, loss: str, device=None) -> Path:
         # A diverged run counts as accuracy 0: dropping it would flatter the loss.
         "test_accuracy": [float(r["test_accuracy"] or 0.0) for r in results],
         "val_accuracy": [float(r["val_accuracy"] or 0.0) for r in results],
-    })
+    }
+    if every:  # only when asked: records without it keep their bytes
+        record["curve"] = curve(results, every, exp.cfg["training"]["steps"])
+    return write_json(exp.retrain_path(loss), record)
+
+
+def curve(results: list[dict], every: int, steps: int) -> dict:
+    """Test accuracy per seed after every ``every`` steps; a run that stopped early (diverged or
+    aborted) scores 0 from there on, as its final accuracy does."""
+    points = (steps - 1) // every
+    return {"steps": [every * (i + 1) for i in range(points)],
+            "test_accuracy": [[float(a) for a in r.get("curve", [])] + [0.0] * (points - len(r.get("curve", [])))
+                              for r in results]}
 
 
 def retrain_all(exp: Experiment, names: list[str], workers: int = 1) -> list[Path]:

@@ -19,7 +19,7 @@ import numpy as np
 from lossevo.config import Experiment
 from lossevo.errors import LossevoError
 from lossevo.io import read_json, write_json, write_text
-from lossevo.report import evaluation, figures, html, sweeps
+from lossevo.report import curves, evaluation, figures, html, sweeps
 from lossevo.report.sections import (
     _caveats,
     _environment_section,
@@ -206,6 +206,9 @@ def draw(exp: Experiment, records: dict, searches: dict, n_classes: int,
     out["retrain"] = figures.plot_retrain(figures.retrain_accuracies(records),
                                           exp.cfg["stats"]["baseline"],
                                           fdir / "retrain_accuracy.png")
+    cv = curves.load(records, exp.cfg["training"]["steps"])
+    if cv is not None:
+        out.update(curves.draw(cv, fdir))
     if ev is not None:
         out.update({f"eval:{k}": v for k, v in evaluation.draw(ev, fdir).items()})
     if sw is not None:
@@ -252,6 +255,9 @@ def markdown(exp: Experiment, split: dict, records: dict, welch, searches: dict,
               f"`{baseline}`'s. Stars: * p < 0.05, ** p < 0.01, *** p < 0.001.", ""]
     lines += [stats.markdown(welch, baseline).rstrip("\n"), ""]
     lines += [f"![test accuracy per seed]({_rel(figs['retrain'], base)})", ""]
+    cv = curves.load(records, exp.cfg["training"]["steps"])
+    if cv is not None:
+        lines += curves.section(cv, baseline, _rel(figs["curves"], base))
     if searches:
         lines += _search_section(searches, records, welch, n_classes) + [""]
         for name in searches:

@@ -161,6 +161,15 @@ def _figure(ncols: int = 1, width: float = 6.4, height: float = 4.2):
     return fig, axes
 
 
+def mean_std_bands(ax, x, series: dict[str, np.ndarray]) -> None:
+    """One line per series (mean over seeds of a [point, seed] array) with a ± std band."""
+    for name, a in series.items():
+        a = np.asarray(a, float)
+        mean, std = a.mean(1), a.std(1, ddof=1)
+        (line,) = ax.plot(x, mean, marker="o", ms=3, label=name)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+
+
 def _save(fig, path: Path) -> Path:
     # No "Software" metadata: the same numbers give the same bytes across matplotlib versions.
     return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110,

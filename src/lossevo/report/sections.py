@@ -74,7 +74,8 @@ def _settings_section(exp: Experiment, split: dict, searches: dict) -> list[str]
         ["augmentation", _augment_text(t.get("augment"))],
         ["partial runs", f"{t.get('partial_schedule', 'truncate')} the full schedule"
                          + (f"; precision {t['precision']}" if t.get("precision", "fp32") != "fp32" else "")],
-        ["retraining", f"{r['seeds']} seeds ({seeds[0]}–{seeds[-1]}) per loss, full length"],
+        ["retraining", f"{r['seeds']} seeds ({seeds[0]}–{seeds[-1]}) per loss, full length"
+                       + (f"; test accuracy every {r['curve_every']} steps" if r.get("curve_every") else "")],
         ["statistics", f"one-tailed Welch t-test vs `{cfg['stats']['baseline']}`, "
                        f"α = {cfg['stats']['alpha']}"],
     ])

@@ -18,7 +18,7 @@ from lossevo.config import Experiment
 from lossevo.errors import LossevoError
 from lossevo.io import read_json
 from lossevo.report.evaluation import _ms, _sig, _table
-from lossevo.report.figures import _figure, _save
+from lossevo.report.figures import _figure, _save, mean_std_bands
 
 SWEEPS = {"data_sweep": "lossevo data-sweep", "lr_sweep": "lossevo lr-sweep",
           "taylor_ce": "lossevo taylor-ce"}
@@ -62,11 +62,7 @@ def draw(sw: dict, fdir: Path) -> dict[str, Path]:
     d = sw["data_sweep"]
     fig, (ax,) = _figure()
     x = np.asarray(d["fractions"], float)
-    for name, per_frac in d["accuracy"].items():
-        a = np.asarray(per_frac, float)  # [fraction, seed]
-        mean, std = a.mean(1), a.std(1, ddof=1)
-        (line,) = ax.plot(x, mean, marker="o", ms=3, label=name)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+    mean_std_bands(ax, x, d["accuracy"])  # [fraction, seed] per loss
     ax.set_xticks(x, [f"{f:g}\n({n})" for f, n in zip(d["fractions"], d["train_sizes"])])
     ax.set(xlabel="fraction of the training split (examples)", ylabel="test accuracy",
            title=f"Reduced data: mean ± std over {len(d['seeds'])} seeds")

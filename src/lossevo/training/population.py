@@ -145,6 +145,7 @@ def train_population(
     device: torch.device | None = None,
     evaluate_test: bool = True,
     keep_models: bool = False,
+    curve_every: int | None = None,
 ) -> list[dict]:
     """Train ``loss_fns[i]`` with ``seeds[i]`` for all i in one batched computation.
 
@@ -184,6 +185,9 @@ def train_population(
     del built
 
     results = [{"seed": s, "steps": steps, "status": "ok", "reason": None} for s in seeds]
+    if curve_every:  # test accuracy every curve_every steps, as trainer.train records it
+        for r in results:
+            r["curve"] = []
 
     x, y = split.x_train, split.y_train
     streams = {s: trainer.batch_indices(len(y), recipe["batch_size"], steps, s) for s in set(seeds)}
@@ -275,8 +279,13 @@ def train_population(
             torch._foreach_add_(pop.params, grads, alpha=-lr)
         last_loss = loss.detach()
         check_abort = abort_step is not None and step + 1 == abort_step < steps
-        if check_abort or (step + 1) % sync_every == 0 or step + 1 == steps:
+        check_curve = bool(curve_every) and (step + 1) % curve_every == 0 and step + 1 < steps
+        if check_abort or check_curve or (step + 1) % sync_every == 0 or step + 1 == steps:
             stop_nonfinite()
+        if check_curve and pop.live:
+            accs = _accuracies(forward, pop.as_dict(), split.x_test, split.y_test, device)
+            for j, acc in enumerate(accs):
+                results[pop.live[j]]["curve"].append(acc)
         if check_abort and pop.live:
             accs = _accuracies(forward, pop.as_dict(), split.x_val, split.y_val, device)
             keep = []
@@ -321,11 +330,14 @@ def train_many(
     max_population: int | None = None,
     batched: bool | None = None,
     keep_models: bool = False,
+    curve_every: int | None = None,
 ) -> list[dict]:
     """Train ``specs[i]`` with ``seeds[i]``; return one :func:`trainer.train` result per pair.
 
     ``keep_models``: each successful result also holds the final weights (``state_dict``, on
     the CPU), e.g. for retraining, whose networks the evaluation stages reuse.
+    ``curve_every``: each result's ``curve`` holds the test accuracy every that many steps
+    (:func:`trainer.train`), for the accuracy-during-training figures.
 
     Candidates whose losses batch together (:func:`loss_group`) are trained as populations of at
     most ``max_population`` (default :data:`.batch_plan.DEFAULT_MAX_POPULATION`, lowered for big models);
@@ -341,7 +353,7 @@ def train_many(
     def sequential(i: int) -> dict:
         return trainer.train(model_cfg, split, losses.build(specs[i]), recipe, seeds[i],
                              steps=steps, abort=abort, device=device,
-                             evaluate_test=evaluate_test, keep_model=keep_models)
+                             evaluate_test=evaluate_test, keep_model=keep_models, curve_every=curve_every)
 
     results: list[dict | None] = [None] * len(specs)
     groups: dict[str, list[int]] = {}
@@ -377,7 +389,7 @@ def train_many(
             out = train_population(
                 model_cfg, split, [losses.build(specs[i]) for i in chunk], recipe,
                 [seeds[i] for i in chunk], steps=steps, abort=abort, device=device,
-                evaluate_test=evaluate_test, keep_models=keep_models,
+                evaluate_test=evaluate_test, keep_models=keep_models, curve_every=curve_every,
             )
             for i, r in zip(chunk, out, strict=True):
                 results[i] = r

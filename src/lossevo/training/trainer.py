@@ -77,6 +77,7 @@ def train(
     device: torch.device | None = None,
     evaluate_test: bool = True,
     keep_model: bool = False,
+    curve_every: int | None = None,
 ) -> dict:
     """Train one model from scratch; return status, accuracies and where it stopped.
 
@@ -87,6 +88,8 @@ def train(
     says how the run follows the full schedule (:func:`lossevo.recipe.schedule`).
     ``recipe['augment']`` augments every training batch (:mod:`lossevo.training.augment`; a
     stream of its own seeded by ``seed``); without it no random number is drawn for it.
+    ``curve_every``: the result's ``curve`` holds the test accuracy after every ``curve_every``
+    steps before the last (evaluation draws no random number, so training is unchanged).
     """
     device = device or split.x_train.device
     determinism.configure_torch(device)
@@ -112,6 +115,8 @@ def train(
     if abort and abort.get("epoch") is not None:
         abort_step = abort["epoch"] * recipe_mod.steps_per_epoch(len(split.y_train), recipe["batch_size"])
     result = {"seed": seed, "steps": steps, "status": "ok", "reason": None}
+    if curve_every:
+        result["curve"] = []  # filled as training goes, kept whatever the run's end
     model.train()
     has_progress = getattr(loss_fn, "uses_progress", False)
     aug_cfg = augment.for_split(recipe.get("augment"), split)
@@ -142,6 +147,9 @@ def train(
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+        if curve_every and (step + 1) % curve_every == 0 and step + 1 < steps:
+            with torch.no_grad():
+                result["curve"].append(accuracy(model, split.x_test, split.y_test))
         if abort_step is not None and step + 1 == abort_step < steps:
             acc = accuracy(model, split.x_val, split.y_val)
             if acc < abort["min_accuracy"]:
