@@ -74,3 +74,16 @@ def test_report_section_tests_each_checkpoint(tmp_path):
     assert "`better` 4" in text
     assert curves.draw(cv, tmp_path)["curves"].exists()
     assert curves.load({"plain": records["plain"]}, 20) is None
+
+
+def test_plot_table_for_dvc_plots(tmp_path):
+    from lossevo import config, report
+
+    exp = config.Experiment("x", {"search": {}, "training": {"steps": 20}}, tmp_path)
+    rec = {"seeds": [7, 8], "test_accuracy": [0.9, 0.8],
+           "curve": {"steps": [10], "test_accuracy": [[0.5], [0.25]]}}
+    report.plot_tables(exp, {"ce": rec}, {})
+    assert (tmp_path / "plots" / "training_curves.csv").read_text().splitlines() == [
+        "loss,step,seed,test_accuracy", "ce,10,7,0.5", "ce,10,8,0.25", "ce,20,7,0.9", "ce,20,8,0.8"]
+    report.plot_tables(exp, {"ce": {k: rec[k] for k in ("seeds", "test_accuracy")}}, {})
+    assert (tmp_path / "plots" / "training_curves.csv").read_text() == "loss,step,seed,test_accuracy\n"

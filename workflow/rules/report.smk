@@ -7,7 +7,7 @@ rule report:
     output:
         report=REPORT,
         metrics=METRICS,
-        plots=expand(f"{ROOT}/plots/{{name}}.csv", name=["search_progress", "retrain_accuracy"]),
+        plots=expand(f"{ROOT}/plots/{{name}}.csv", name=["search_progress", "retrain_accuracy", "training_curves"]),
     params:
         opts=OPTS,
     resources:

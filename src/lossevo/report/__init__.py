@@ -284,7 +284,8 @@ def markdown(exp: Experiment, split: dict, records: dict, welch, searches: dict,
 
 
 def plot_tables(exp: Experiment, records: dict, searches: dict) -> None:
-    """Long-format CSVs that ``dvc plots`` draws: search progress and accuracy per seed."""
+    """Long-format CSVs that ``dvc plots`` draws: search progress, accuracy per seed and, with
+    ``retrain.curve_every``, test accuracy during training."""
     rows = ["search,generation,best_fitness,mean_fitness"]
     for name in searches:
         for s in figures.generation_summaries(exp.search_dir(name), engine.generations(exp.search_cfg(name))):
@@ -294,6 +295,12 @@ def plot_tables(exp: Experiment, records: dict, searches: dict) -> None:
     for name, r in records.items():
         rows += [f"{name},{seed},{acc:.6g}" for seed, acc in zip(r["seeds"], r["test_accuracy"])]
     write_text(exp.root / "plots" / "retrain_accuracy.csv", "\n".join(rows) + "\n")
+    rows = ["loss,step,seed,test_accuracy"]  # header only without retrain.curve_every
+    cv = curves.load(records, exp.cfg["training"]["steps"])
+    for name, a in (cv["accuracy"] if cv else {}).items():
+        rows += [f"{name},{step},{seed},{acc:.6g}" for step, per_seed in zip(cv["steps"], a, strict=True)
+                 for seed, acc in zip(records[name]["seeds"], per_seed, strict=True)]
+    write_text(exp.root / "plots" / "training_curves.csv", "\n".join(rows) + "\n")
 
 
 def build(exp: Experiment) -> Path:

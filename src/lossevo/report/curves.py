@@ -39,6 +39,9 @@ def draw(cv: dict, fdir: Path) -> dict[str, Path]:
     fig, (ax,) = _figure()
     mean_std_bands(ax, np.asarray(cv["steps"], float), cv["accuracy"])
     n = next(iter(cv["accuracy"].values())).shape[1]
+    # The means set the range: one failed seed's band (±0.25 and more) would flatten them all.
+    means = np.concatenate([a.mean(1) for a in cv["accuracy"].values()])
+    ax.set_ylim(max(0.0, float(means.min()) - 0.05), min(1.0, float(means.max()) + 0.05))
     ax.set(xlabel="training steps", ylabel="test accuracy",
            title=f"Test accuracy during training: mean ± std over {n} seeds")
     ax.legend(fontsize=7)
@@ -54,7 +57,8 @@ def section(cv: dict, baseline: str, fig: str) -> list[str]:
              f"Each retrained network's test accuracy every {steps[0]} steps, the same runs as the "
              f"Welch table above (dissertation Figs. 4.3 and 4.5). Per checkpoint: mean over seeds, "
              f"stars from a one-tailed Welch t-test against `{baseline}` at that checkpoint "
-             f"(unadjusted: the checkpoints of one run are not independent tests).", ""]
+             f"(unadjusted: the checkpoints of one run are not independent tests). The figure's range "
+             f"follows the means; a wide band (a failed seed) is cut at the axes.", ""]
     if baseline not in acc:
         lines += [f"`{baseline}` has no curve (retrain it with `retrain.curve_every` set): no tests.", ""]
     rows = []
