@@ -87,3 +87,13 @@ def test_plot_table_for_dvc_plots(tmp_path):
         "loss,step,seed,test_accuracy", "ce,10,7,0.5", "ce,10,8,0.25", "ce,20,7,0.9", "ce,20,8,0.8"]
     report.plot_tables(exp, {"ce": {k: rec[k] for k in ("seeds", "test_accuracy")}}, {})
     assert (tmp_path / "plots" / "training_curves.csv").read_text() == "loss,step,seed,test_accuracy\n"
+
+
+def test_evaluation_builds_no_autograd_graph():
+    """trainer.accuracy (final, curve and basin evaluations) runs without autograd: at paper scale a
+    2048-image chunk's saved activations would be tens of GB."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    seen = []
+    net.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.requires_grad)))
+    trainer.accuracy(net, torch.randn(5, 1, 8, 8), torch.zeros(5, dtype=torch.long))
+    assert seen == [(False, False)] and torch.is_grad_enabled()
