@@ -82,10 +82,11 @@ def test_plot_table_for_dvc_plots(tmp_path):
     exp = config.Experiment("x", {"search": {}, "training": {"steps": 20}}, tmp_path)
     rec = {"seeds": [7, 8], "test_accuracy": [0.9, 0.8],
            "curve": {"steps": [10], "test_accuracy": [[0.5], [0.25]]}}
-    report.plot_tables(exp, {"ce": rec}, {})
+    report.plot_tables(exp, {"ce": rec}, {}, curves.load({"ce": rec}, 20))
     assert (tmp_path / "plots" / "training_curves.csv").read_text().splitlines() == [
         "loss,step,seed,test_accuracy", "ce,10,7,0.5", "ce,10,8,0.25", "ce,20,7,0.9", "ce,20,8,0.8"]
-    report.plot_tables(exp, {"ce": {k: rec[k] for k in ("seeds", "test_accuracy")}}, {})
+    plain = {"ce": {k: rec[k] for k in ("seeds", "test_accuracy")}}
+    report.plot_tables(exp, plain, {}, curves.load(plain, 20))
     assert (tmp_path / "plots" / "training_curves.csv").read_text() == "loss,step,seed,test_accuracy\n"
 
 

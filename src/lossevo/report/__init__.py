@@ -179,7 +179,7 @@ def metrics(records: dict[str, dict], welch, searches: dict[str, dict], ev: dict
 
 
 def draw(exp: Experiment, records: dict, searches: dict, n_classes: int,
-         ev: dict | None = None, sw: dict | None = None) -> dict[str, Path]:
+         ev: dict | None = None, sw: dict | None = None, cv: dict | None = None) -> dict[str, Path]:
     """Write every figure under report/figures; return {key: path}. Stale PNGs are removed."""
     fdir = exp.report_dir / "figures"
     out: dict[str, Path] = {}
@@ -206,7 +206,6 @@ def draw(exp: Experiment, records: dict, searches: dict, n_classes: int,
     out["retrain"] = figures.plot_retrain(figures.retrain_accuracies(records),
                                           exp.cfg["stats"]["baseline"],
                                           fdir / "retrain_accuracy.png")
-    cv = curves.load(records, exp.cfg["training"]["steps"])
     if cv is not None:
         out.update(curves.draw(cv, fdir))
     if ev is not None:
@@ -233,9 +232,10 @@ def environments(exp: Experiment) -> dict[str, dict | None]:
 
 def markdown(exp: Experiment, split: dict, records: dict, welch, searches: dict,
              figs: dict[str, Path], ev: dict | None = None, envs: dict | None = None,
-             sw: dict | None = None) -> str:
+             sw: dict | None = None, cv: dict | None = None) -> str:
     """The whole report as Markdown (figures linked relative to report.md); ``envs``: the
-    stages' environment records (default: :func:`environments`)."""
+    stages' environment records (default: :func:`environments`); ``cv``: the training curves
+    (:func:`lossevo.report.curves.load`), None for none."""
     from lossevo import __version__
     from lossevo.evaluate import stats
 
@@ -255,7 +255,6 @@ def markdown(exp: Experiment, split: dict, records: dict, welch, searches: dict,
               f"`{baseline}`'s. Stars: * p < 0.05, ** p < 0.01, *** p < 0.001.", ""]
     lines += [stats.markdown(welch, baseline).rstrip("\n"), ""]
     lines += [f"![test accuracy per seed]({_rel(figs['retrain'], base)})", ""]
-    cv = curves.load(records, exp.cfg["training"]["steps"])
     if cv is not None:
         lines += curves.section(cv, baseline, _rel(figs["curves"], base))
     if searches:
@@ -283,7 +282,7 @@ def markdown(exp: Experiment, split: dict, records: dict, welch, searches: dict,
     return "\n".join(lines) + "\n"
 
 
-def plot_tables(exp: Experiment, records: dict, searches: dict) -> None:
+def plot_tables(exp: Experiment, records: dict, searches: dict, cv: dict | None = None) -> None:
     """Long-format CSVs that ``dvc plots`` draws: search progress, accuracy per seed and, with
     ``retrain.curve_every``, test accuracy during training."""
     rows = ["search,generation,best_fitness,mean_fitness"]
@@ -296,7 +295,6 @@ def plot_tables(exp: Experiment, records: dict, searches: dict) -> None:
         rows += [f"{name},{seed},{acc:.6g}" for seed, acc in zip(r["seeds"], r["test_accuracy"])]
     write_text(exp.root / "plots" / "retrain_accuracy.csv", "\n".join(rows) + "\n")
     rows = ["loss,step,seed,test_accuracy"]  # header only without retrain.curve_every
-    cv = curves.load(records, exp.cfg["training"]["steps"])
     for name, a in (cv["accuracy"] if cv else {}).items():
         rows += [f"{name},{step},{seed},{acc:.6g}" for step, per_seed in zip(cv["steps"], a, strict=True)
                  for seed, acc in zip(records[name]["seeds"], per_seed, strict=True)]
@@ -311,12 +309,13 @@ def build(exp: Experiment) -> Path:
     searches = {name: search_info(exp, name, records) for name in exp.cfg["search"]}
     ev = evaluation.load(exp)
     sw = sweeps.load(exp)
-    figs = draw(exp, records, searches, split["classes"], ev, sw)
+    cv = curves.load(records, exp.cfg["training"]["steps"])
+    figs = draw(exp, records, searches, split["classes"], ev, sw, cv)
     write_json(exp.root / "metrics.json", metrics(records, welch, searches, ev, sw))
     envs = environments(exp)
     write_json(exp.root / "environment.json", envs)
-    plot_tables(exp, records, searches)
+    plot_tables(exp, records, searches, cv)
     path = write_text(exp.report_dir / "report.md",
-                      markdown(exp, split, records, welch, searches, figs, ev, envs, sw))
+                      markdown(exp, split, records, welch, searches, figs, ev, envs, sw, cv))
     html.write(path, f"lossevo report: {exp.name}")
     return path

@@ -61,21 +61,19 @@ def section(cv: dict, baseline: str, fig: str) -> list[str]:
              f"follows the means; a wide band (a failed seed) is cut at the axes.", ""]
     if baseline not in acc:
         lines += [f"`{baseline}` has no curve (retrain it with `retrain.curve_every` set): no tests.", ""]
+    # One-tailed p per loss and checkpoint, computed once for the table's stars and the win count.
+    pvals = ({n: [stats.welch(acc[n][i], acc[baseline][i])["p"] for i in range(len(steps))] for n in others}
+             if baseline in acc else {})
     rows = []
     for name in [baseline, *others] if baseline in acc else others:
         cells = []
         for i in idx:
-            m = float(acc[name][i].mean())
-            mark = ""
-            if name != baseline and baseline in acc:
-                s = stats.stars(stats.welch(acc[name][i], acc[baseline][i])["p"])
-                mark = "" if s == "ns" else f" {s}"
-            cells.append(f"{m:.4f}{mark}")
+            s = stats.stars(pvals[name][i]) if name in pvals else "ns"
+            cells.append(f"{float(acc[name][i].mean()):.4f}" + ("" if s == "ns" else f" {s}"))
         rows.append([f"`{name}`", *cells])
     lines += _table(["loss", *(f"step {steps[i]}" for i in idx)], rows)
-    if baseline in acc and others:
-        wins = {n: sum(stats.welch(acc[n][i], acc[baseline][i])["p"] < 0.05 for i in range(len(steps)))
-                for n in others}
+    if pvals:
+        wins = {n: sum(p < 0.05 for p in ps) for n, ps in pvals.items()}
         lines += ["", "Checkpoints (of " + str(len(steps)) + ") where the loss beats "
                   f"`{baseline}` at p < 0.05: " + ", ".join(f"`{n}` {k}" for n, k in wins.items()) + "."]
     return lines + ["", f"![test accuracy during training]({fig})", ""]
