@@ -141,3 +141,63 @@ def test_attack_loss_changes_the_gradient():
 def test_negative_epsilon_rejected():
     with pytest.raises(ValueError, match="epsilon"):
         adv.fgsm_accuracy(linear(), POINTS, LABELS, [-0.1], 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- ε units
+# issue 16 finding 6: the authors' code (and its ε grid) steps the normalised input; on CIFAR/SVHN
+# ε = 0.1 pixels is about 0.4 normalised, a 4× stronger attack than theirs.
+
+
+def _cifar_batch():
+    mean, std = adv.pixel_stats("cifar10")
+    gen = torch.Generator().manual_seed(1)
+    pix = 0.3 + 0.4 * torch.rand(8, 3, 8, 8, generator=gen)  # away from 0 and 1: no clamping
+    torch.manual_seed(0)
+    return models.build("small_cnn", (3, 8, 8), 10), (pix - mean) / std, torch.arange(8) % 10, mean, std
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1])
+def test_finding_06_epsilon_space_sets_the_unit_of_the_step(eps):
+    cnn, x, y, mean, std = _cifar_batch()
+    sign = adv.gradient_sign(cnn.eval(), x, y)
+    assert (sign != 0).float().mean() > 0.9
+    norm = adv.fgsm_inputs(cnn, x, y, eps, mean, std, epsilon_space="normalized")
+    d = norm - x  # the perturbation of the normalised input: ε·sign, per channel alike
+    assert d.abs().max().item() == pytest.approx(eps, rel=1e-4)
+    assert torch.allclose(d, eps * sign, atol=1e-5)
+    pix = adv.fgsm_inputs(cnn, x, y, eps, mean, std, epsilon_space="pixel")
+    d_pix = (pix - x) * std  # the de-normalised perturbation: ε·sign in every channel
+    assert d_pix.abs().max().item() == pytest.approx(eps, rel=1e-4)
+    assert torch.allclose(d_pix, eps * sign, atol=1e-5)
+    assert torch.equal(pix, adv.fgsm_inputs(cnn, x, y, eps, mean, std))  # pixel is the default
+    # CIFAR-10's std is about 0.25: a pixel ε is about 4× the normalised one in normalised units
+    ratio = ((pix - x).abs().amax(dim=(0, 2, 3)) / (norm - x).abs().amax(dim=(0, 2, 3)))
+    assert torch.allclose(ratio, 1 / std.flatten(), rtol=1e-3) and (ratio > 3.7).all()
+
+
+def test_finding_06_normalized_epsilon_is_a_pixel_epsilon_times_std():
+    mean, std = 0.5, 0.25
+    x = (POINTS - mean) / std
+    lin = linear(mean, std)
+    for e in LIN_EPS[1:]:
+        assert adv.fgsm_accuracy(lin, x, LABELS, [e / std], mean, std, epsilon_space="normalized") == \
+            adv.fgsm_accuracy(lin, x, LABELS, [e], mean, std)
+    # raw-pixel data (mean 0, std 1): both units are the same attack, bit for bit
+    assert adv.fgsm_accuracy(linear(), POINTS, LABELS, LIN_EPS, 0.0, 1.0, epsilon_space="normalized") == \
+        adv.fgsm_accuracy(linear(), POINTS, LABELS, LIN_EPS, 0.0, 1.0)
+    with pytest.raises(ValueError, match="epsilon_space"):
+        adv.fgsm_accuracy(lin, x, LABELS, [0.1], mean, std, epsilon_space="pixels")
+
+
+def test_finding_06_search_fitness_passes_its_epsilon_space(split, mlp, monkeypatch):
+    from lossevo.search import evaluate as search_eval
+
+    model, _ = mlp
+    seen = []
+    monkeypatch.setattr(adv, "fgsm_accuracy", lambda *a, **kw: seen.append(kw["epsilon_space"]) or [0.5])
+    fitness = {"kind": "fgsm", "epsilon": 0.1, "attack_loss": "cross_entropy", "epsilon_space": "normalized",
+               "data": DIGITS}
+    results = [{"status": "ok", "val_accuracy": 0.9, "state_dict": model.state_dict()}]
+    search_eval._score(results, [{"kind": "cross_entropy"}], split,
+                       {"name": "mlp", "hidden": [100, 100], "dropout": 0.3}, fitness, torch.device("cpu"))
+    assert seen == ["normalized"] and results[0]["val_accuracy"] == 0.5

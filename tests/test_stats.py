@@ -1,6 +1,7 @@
 """Welch's t-test and the results table, against hand formulas and scipy."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -159,3 +160,70 @@ def test_markdown_tables_and_csv_round_trip(tmp_path):
     second = md.split("best hand-designed loss (ls)")[1]
     assert "| ls |" not in second and "| ce | -0.0238 [-0.0320, -0.0156] | -2.63 | > 0.999 |" in second
     assert "nan" not in md.lower()
+
+
+# --------------------------------------------------------------------------- constant samples
+# issue 16 finding 8: ten seeds at 0.9951 have numpy variance ~1e-32, not 0 (0.9951 is not
+# representable, so the mean of its copies is off by an ulp); the zero-variance contract must hold.
+
+CONST10, CONST7 = [0.9951] * 10, [0.9951] * 7
+VARYING = [0.990, 0.995, 0.9951, 0.996, 0.993]
+
+
+def test_finding_08_identical_constant_arms_are_degenerate_not_significant():
+    assert np.var(CONST10, ddof=1) > 0  # the round-off this guards against
+    assert stats.moments(CONST10) == (10, 0.9951, 0.0) and math.isnan(stats.moments([0.5])[2])
+    for a, b in ((CONST10, CONST7), (CONST7, CONST10)):
+        for alt in ("greater", "less", "two-sided"):
+            w = stats.welch(a, b, alt)
+            assert math.isnan(w["t"]) and math.isnan(w["p"]) and math.isnan(w["df"])
+        assert math.isnan(stats.hedges_g(a, b))
+        assert all(math.isnan(v) for v in stats.diff_ci(a, b))
+        assert stats.compare(a, b)["diff"] == 0.0
+    df = stats.table({"ce": CONST10, "x": CONST7}, "ce").set_index("loss")
+    assert df.loc["x", "std"] == 0.0 and df.loc["x", "mean"] == 0.9951 and df.loc["x", "sig"] == "ns"
+    assert math.isnan(df.loc["x", "p"]) and math.isnan(df.loc["x", "p_holm"]) and math.isnan(df.loc["x", "hedges_g"])
+
+
+def test_finding_08_one_constant_arm_is_a_welch_test_with_zero_variance_there():
+    v = np.array(VARYING)
+    for alt in ("greater", "less"):
+        got = stats.welch(CONST10, VARYING, alt)
+        ref = sps.ttest_ind_from_stats(0.9951, 0.0, 10, v.mean(), v.std(ddof=1), v.size,
+                                       equal_var=False, alternative=alt)
+        assert got["t"] == pytest.approx(ref.statistic, rel=1e-12) and got["p"] == pytest.approx(ref.pvalue, rel=1e-12)
+        assert got["df"] == pytest.approx(v.size - 1, rel=1e-12)  # only the varying arm has variance
+    assert stats.welch(VARYING, CONST10)["t"] == pytest.approx(-stats.welch(CONST10, VARYING)["t"])
+    # an exactly representable constant already has numpy variance 0: scipy's own numbers, bit for bit
+    with warnings.catch_warnings():  # scipy warns that one sample is constant
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = sps.ttest_ind([0.5] * 4, VARYING, equal_var=False, alternative="greater")
+    assert stats.welch([0.5] * 4, VARYING) == {"t": ref.statistic, "df": ref.df, "p": ref.pvalue}
+    pooled = math.sqrt((v.size - 1) * v.var(ddof=1) / (10 + v.size - 2))
+    g = (0.9951 - v.mean()) / pooled * (1 - 3 / (4 * (10 + v.size - 2) - 1))
+    assert stats.hedges_g(CONST10, VARYING) == pytest.approx(g, rel=1e-12)
+    lo, hi = stats.diff_ci(CONST10, VARYING)
+    half = sps.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+    assert (lo, hi) == pytest.approx((0.9951 - v.mean() - half, 0.9951 - v.mean() + half), rel=1e-9)
+
+
+def test_finding_08_different_constant_arms_follow_scipys_convention():
+    lo_arm, hi_arm = [0.9951] * 7, [0.9952] * 10
+    with warnings.catch_warnings():  # scipy warns that the samples are constant
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = {alt: sps.ttest_ind([1.0] * 3, [2.0] * 3, equal_var=False, alternative=alt)
+               for alt in ("greater", "less", "two-sided")}  # exactly representable: scipy's own answer
+    for alt, r in ref.items():
+        w = stats.welch(lo_arm, hi_arm, alt)
+        assert w["t"] == r.statistic == -math.inf and w["p"] == r.pvalue and math.isnan(w["df"])
+    assert stats.welch(hi_arm, lo_arm, "greater")["p"] == 0.0
+    assert math.isnan(stats.hedges_g(lo_arm, hi_arm))
+    assert all(math.isnan(v) for v in stats.diff_ci(lo_arm, hi_arm))
+    assert stats.compare(lo_arm, hi_arm)["diff"] == 0.9951 - 0.9952
+
+
+def test_finding_08_analysis_summaries_of_a_constant_sample_are_exact():
+    from lossevo.evaluate.analyses import _summary
+
+    assert _summary(CONST10) == {"mean": 0.9951, "std": 0.0}
+    assert _summary(VARYING)["std"] == pytest.approx(np.std(VARYING, ddof=1))

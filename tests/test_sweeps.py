@@ -1,4 +1,4 @@
-"""The sweep stages: the Taylor-CE θ, the lr sweep's retries, the data sweep's training-set sizes."""
+"""The sweep stages: the Taylor-CE θ, the sweeps' retries, the data sweep's training-set sizes."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_ce_spec_loss_is_cross_entropy_near_the_centre():
     assert got - math.log(0.5) == pytest.approx(ce, abs=1e-6)
 
 
-def _exp(tmp_path, steps: int = 20, **evaluate):
+def _exp(tmp_path, steps: int = 20, extra: dict | None = None, **evaluate):
     params = {
         "experiment": "t", "results_dir": str(tmp_path),
         "experiments": {"t": {
@@ -71,7 +71,8 @@ def _exp(tmp_path, steps: int = 20, **evaluate):
             "model": {"name": "mlp", "hidden": [8]},
             "training": {"lr": 0.1, "batch_size": 16, "steps": steps},
             "retrain": {"seeds": 2, "losses": {"cross_entropy": {"kind": "cross_entropy"},
-                                               "ls": {"kind": "label_smoothing", "alpha": 0.1}}},
+                                               "ls": {"kind": "label_smoothing", "alpha": 0.1},
+                                               **(extra or {})}},
             "evaluate": evaluate,
         }},
     }
@@ -87,7 +88,8 @@ def test_schema_defaults():
             "training": {"lr": 0.1, "batch_size": 32, "steps": 10},
             "retrain": {"losses": {"cross_entropy": {"kind": "cross_entropy"}}}}}}))
     ev = exp.cfg["evaluate"]
-    assert ev["data_sweep"] == {"fractions": [0.25, 0.5, 1.0], "seeds": 5, "losses": None}
+    assert ev["data_sweep"] == {"fractions": [0.25, 0.5, 1.0], "seeds": 5, "losses": None, "attempts": 3}
+    assert ev["fgsm"]["epsilon_space"] == "pixel" and ev["weights"]["parameters"] == "all"
     assert ev["lr_sweep"] == {"factors": [0.1, 0.3, 1.0, 3.0, 10.0], "seeds": 10, "attempts": 3}
     assert ev["taylor_ce"] == {"orders": [2, 3, 4, 5], "centre": [0.5, 0.5], "seeds": 10}
 
@@ -162,6 +164,58 @@ def test_retry_stops_once_a_run_trains_and_reuses_known_first_attempts(tmp_path,
     assert calls == [[104], [1102]]  # the unknown seed, then the known failure's retry
     assert [[a["seed"] for a in r["attempts"]] for r in runs] == [[102, 1102], [103], [104]]
     assert runs[1]["test_accuracy"] == 0.7
+
+
+def test_finding_03_data_sweep_retries_diverged_runs_then_scores_them_0(tmp_path):
+    """issue 16 finding 3: a diverged data-sweep run was counted as 0 and never retried."""
+    # log(x - y) is the log of a negative number for every wrong class: NaN from the first step,
+    # whatever the seed; cross-entropy trains.
+    exp = _exp(tmp_path, extra={"bad": {"kind": "tree", "expr": "log(sub(x, y))"}},
+               data_sweep={"fractions": [0.5, 1.0], "seeds": 2, "losses": ["bad"], "attempts": 2})
+    for loss in exp.loss_names():
+        retrain.retrain(exp, loss)
+    assert read_json(exp.retrain_path("bad"))["status"] == ["nan", "nan"]
+    out = read_json(sweeps.data_sweep(exp))
+    assert out["losses"] == ["cross_entropy", "bad"] and out["attempts"] == 2
+    # fraction 1 too: the retraining's failed runs are its first attempts, then retried
+    assert out["tries"] == {"cross_entropy": [[1, 1], [1, 1]], "bad": [[2, 2], [2, 2]]}
+    assert out["status"]["bad"] == [["nan"] * 2] * 2 and out["accuracy"]["bad"] == [[0.0, 0.0]] * 2
+    for pf in out["per_fraction"]:
+        assert pf["trained"] == {"cross_entropy": 2, "bad": 0} and pf["retried_runs"]["bad"] == 2
+        assert pf["summary"]["bad"]["mean"] == 0.0 and math.isnan(pf["summary_trained"]["bad"]["mean"])
+        assert pf["summary_trained"]["cross_entropy"] == pf["summary"]["cross_entropy"]
+
+
+def test_finding_03_data_sweep_reports_the_mean_of_the_runs_that_trained(tmp_path, monkeypatch):
+    from lossevo.report import sweeps as report_sweeps
+
+    exp = _exp(tmp_path, data_sweep={"fractions": [0.5], "seeds": 2, "losses": ["ls"], "attempts": 3})
+    for loss in exp.loss_names():
+        retrain.retrain(exp, loss)
+    calls = []
+
+    def fake(model_cfg, split, specs, recipe, seeds, **kw):
+        # ls's seed 100 fails once; cross-entropy's seed 101 fails every attempt
+        calls.append(sorted(seeds))
+        bad = {("label_smoothing", 100), ("cross_entropy", 101), ("cross_entropy", 1101),
+               ("cross_entropy", 2101)}
+        return [{"status": "nan" if (sp["kind"], s) in bad else "ok", "reason": None,
+                 "test_accuracy": 0.5 + s / 1e5} for sp, s in zip(specs, seeds)]
+
+    monkeypatch.setattr(sweeps, "train_many", fake)
+    out = read_json(sweeps.data_sweep(exp))
+    # one population per loss group; a job retries its failed runs, a round at a time
+    assert calls == [[100, 101], [1101], [2101], [100, 101], [1100]]
+    assert out["tries"] == {"cross_entropy": [[1, 3]], "ls": [[2, 1]]}
+    assert out["accuracy"] == {"cross_entropy": [[0.501, 0.0]], "ls": [[0.511, 0.50101]]}
+    pf = out["per_fraction"][0]
+    assert pf["trained"] == {"cross_entropy": 1, "ls": 2}
+    assert pf["summary"]["cross_entropy"]["mean"] == pytest.approx(0.2505)  # the failure as 0
+    assert pf["summary_trained"]["cross_entropy"]["mean"] == pytest.approx(0.501)
+    assert math.isnan(pf["summary_trained"]["cross_entropy"]["std"])  # one run: no std
+    text = "\n".join(report_sweeps._data_section(out, "fig.png"))
+    assert "0.2505 (0.3543); 1 of 2 trained: 0.5010" in text
+    assert "up to 3 attempts" in text and "`ls` 1" in text and "(scored 0): `cross_entropy` 1" in text
 
 
 def test_taylor_ce_trains_each_order(tmp_path):

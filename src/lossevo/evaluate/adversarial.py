@@ -8,12 +8,15 @@ is a white-box, single-step attack: a loss whose models are more accurate under 
 function that is less sensitive to small worst-case input changes.
 
 Inputs are stored already normalised (:mod:`lossevo.data`): ``x = (x_pix − mean) / std`` per
-channel. Here ε, the step and the clamp live in **pixel space**, ``x_pix ∈ [0, 1]``; the
-perturbed image is then normalised again for the model. The authors' released code clamps the
-*normalised* inputs to [0, 1] (so its ε is in normalised units and, e.g. on CIFAR-10, every pixel
-below its channel mean is set to the mean and every one above mean + std to mean + std, attacked or
-not): a known bug, not reproduced here. For data stored without normalisation (digits and MNIST:
-mean 0, std 1) both agree.
+channel. The step and the clamp live in **pixel space**, ``x_pix ∈ [0, 1]``; the perturbed image
+is then normalised again for the model. ε has two units (``epsilon_space``): ``pixel``, a step of ε
+on [0, 1] pixels (Goodfellow et al.; comparable across datasets), or ``normalized``, a step of ε on
+the normalised input, i.e. ε·std pixels per channel: the unit of the authors' released code and of
+its ε grid (on CIFAR-10, std ≈ 0.25, so ε = 0.1 normalised ≈ 0.025 pixels, and 0.1 pixels ≈ 0.4
+normalised). That code also clamps the *normalised* inputs to [0, 1] (every pixel below its
+channel mean is set to the mean and every one above mean + std to mean + std, attacked or not): a
+known bug, not reproduced here; the clamp is always to the valid pixel range. For data stored
+without normalisation (digits, MNIST and ``normalize: none``: mean 0, std 1) the two units agree.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from torch import nn
 from lossevo.data import DATASETS, torchvision_sets
 from lossevo.errors import LossevoError
 
-#: The FGSM strengths of the authors' released code (its commented-out grid; 0.1 is its default).
+#: The FGSM strengths of the authors' released code (its commented-out grid; 0.1 is its default),
+#: in normalised units (``epsilon_space: normalized``).
 AUTHORS_EPSILONS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+#: The units ε can be given in (see the module docstring).
+EPSILON_SPACES = ("pixel", "normalized")
 
 Stat = torch.Tensor | float
 
@@ -87,27 +93,37 @@ def gradient_sign(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).sign()
 
 
-def _perturb(x: torch.Tensor, sign: torch.Tensor, epsilon: float, mean: torch.Tensor,
+def pixel_step(epsilon: float, std: torch.Tensor, epsilon_space: str = "pixel") -> torch.Tensor | float:
+    """The FGSM step in [0, 1] pixel units: ε (``pixel``) or ε·std per channel (``normalized``)."""
+    if epsilon_space not in EPSILON_SPACES:
+        raise ValueError(f"fgsm: epsilon_space must be one of {EPSILON_SPACES}, got {epsilon_space!r}")
+    return epsilon * std if epsilon_space == "normalized" else epsilon
+
+
+def _perturb(x: torch.Tensor, sign: torch.Tensor, step: torch.Tensor | float, mean: torch.Tensor,
              std: torch.Tensor) -> torch.Tensor:
-    """Un-normalise, step ε·sign and clamp to [0, 1] in pixel space, normalise again."""
-    x_pix = (x * std + mean + epsilon * sign).clamp_(0.0, 1.0)
+    """Un-normalise, step ``step``·sign (pixel units) and clamp to [0, 1], normalise again."""
+    x_pix = (x * std + mean + step * sign).clamp_(0.0, 1.0)
     return (x_pix - mean) / std
 
 
 def fgsm_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float,
-                pixel_mean: Stat, pixel_std: Stat, attack_loss: nn.Module | None = None) -> torch.Tensor:
+                pixel_mean: Stat, pixel_std: Stat, attack_loss: nn.Module | None = None,
+                epsilon_space: str = "pixel") -> torch.Tensor:
     """The FGSM-perturbed batch, normalised like ``x`` (ready for the model).
 
     ``x * std + mean`` of the result lies in [0, 1]. ``pixel_mean``/``pixel_std`` broadcast against
-    ``x`` ([C, 1, 1] tensors from :func:`pixel_stats` for images, or scalars). The gradient is taken
-    in eval mode; the model's train/eval flag is restored afterwards.
+    ``x`` ([C, 1, 1] tensors from :func:`pixel_stats` for images, or scalars). ε is in
+    ``epsilon_space`` units (:func:`pixel_step`). The gradient is taken in eval mode; the model's
+    train/eval flag is restored afterwards.
     """
     if epsilon < 0:
         raise ValueError(f"fgsm: epsilon must be >= 0, got {epsilon}")
     mean, std = _stat(pixel_mean, x), _stat(pixel_std, x)
+    step = pixel_step(float(epsilon), std, epsilon_space)
     with _eval_mode(model):
         sign = gradient_sign(model, x, y, attack_loss)
-    return _perturb(x.detach(), sign, float(epsilon), mean, std)
+    return _perturb(x.detach(), sign, step, mean, std)
 
 
 @torch.no_grad()
@@ -120,8 +136,9 @@ def _n_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 
 def fgsm_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: Sequence[float],
                   pixel_mean: Stat, pixel_std: Stat, attack_loss: nn.Module | None = None,
-                  batch_size: int = 1000) -> list[float]:
-    """Top-1 accuracy on FGSM-perturbed ``x`` for each ε in ``epsilons`` (same order).
+                  batch_size: int = 1000, epsilon_space: str = "pixel") -> list[float]:
+    """Top-1 accuracy on FGSM-perturbed ``x`` for each ε in ``epsilons`` (same order), ε in
+    ``epsilon_space`` units (:func:`pixel_step`).
 
     ``x``/``y`` are a normalised evaluation set (e.g. ``split.x_test``), processed in batches of
     ``batch_size`` on their own device (the model must live there too). Per batch the input
@@ -142,6 +159,7 @@ def fgsm_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: 
     if attack_loss is not None:
         attack_loss = attack_loss.to(x.device)
     mean, std = _stat(pixel_mean, x), _stat(pixel_std, x)
+    steps = [pixel_step(e, std, epsilon_space) for e in eps]
     correct = [0] * len(eps)
     with _eval_mode(model):
         for i in range(0, len(y), batch_size):
@@ -153,6 +171,6 @@ def fgsm_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: 
                     continue
                 if sign is None:
                     sign = gradient_sign(model, xb, yb, attack_loss)
-                correct[k] += _n_correct(model, _perturb(xb, sign, e, mean, std), yb)
+                correct[k] += _n_correct(model, _perturb(xb, sign, steps[k], mean, std), yb)
     n = max(1, len(y))
     return [c / n for c in correct]

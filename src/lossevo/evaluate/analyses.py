@@ -50,9 +50,9 @@ def _tests(values: dict[str, list[float]], baseline: str, alternative: str) -> d
 
 
 def _summary(values: list[float]) -> dict:
-    v = np.asarray([x for x in values if math.isfinite(x)], float)
-    return {"mean": float(v.mean()) if v.size else math.nan,
-            "std": float(v.std(ddof=1)) if v.size > 1 else math.nan}
+    """Mean and ddof-1 std of the finite values (exact for a constant sample: stats.moments)."""
+    n, mean, var = stats.moments([x for x in values if math.isfinite(x)])
+    return {"mean": mean if n else math.nan, "std": math.sqrt(var) if n > 1 else math.nan}
 
 
 def _setup(exp: Experiment, device):
@@ -62,7 +62,8 @@ def _setup(exp: Experiment, device):
 
 
 def fgsm(exp: Experiment, device=None) -> Path:
-    """Test accuracy under FGSM for every ε, loss and seed; Welch test vs the baseline at each ε."""
+    """Test accuracy under FGSM for every ε (in ``epsilon_space`` units), loss and seed; Welch test
+    vs the baseline at each ε."""
     cfg = exp.cfg["evaluate"]["fgsm"]
     device, split = _setup(exp, device)
     mean, std = (t.to(device) for t in adversarial.pixel_stats(exp.cfg["data"]))
@@ -73,7 +74,8 @@ def fgsm(exp: Experiment, device=None) -> Path:
         if attack is not None and getattr(attack, "uses_progress", False):
             attack.progress = 1.0  # the end of training, where the network was taken
         # A diverged run counts as accuracy 0 at every ε, as in the retraining table.
-        acc[name] = [adversarial.fgsm_accuracy(n, split.x_test, split.y_test, eps, mean, std, attack)
+        acc[name] = [adversarial.fgsm_accuracy(n, split.x_test, split.y_test, eps, mean, std, attack,
+                                               epsilon_space=cfg["epsilon_space"])
                      if n is not None else [0.0] * len(eps) for n in nets]
     baseline = exp.cfg["stats"]["baseline"]
     per_eps = []
@@ -83,7 +85,7 @@ def fgsm(exp: Experiment, device=None) -> Path:
                         "tests": _tests(values, baseline, "greater")})
     return write_json(eval_path(exp, "fgsm"), {
         "epsilons": eps, "attack_loss": cfg["attack_loss"], "baseline": baseline,
-        "pixel_space": True, "accuracy": acc, "per_epsilon": per_eps,
+        "epsilon_space": cfg["epsilon_space"], "accuracy": acc, "per_epsilon": per_eps,
     })
 
 
@@ -129,15 +131,17 @@ def basin_curves(exp: Experiment, device=None) -> Path:
 
 
 def weight_statistics(exp: Experiment, device=None) -> Path:
-    """L2 norm, mean, histogram (shared bins across losses) and Laplace-vs-Gaussian fit per seed."""
+    """L2 norm, mean, histogram (shared bins across losses) and Laplace-vs-Gaussian fit per seed,
+    over ``evaluate.weights.parameters`` (every trainable parameter by default)."""
     cfg = exp.cfg["evaluate"]["weights"]
+    which = cfg["parameters"]
     device, _ = _setup(exp, device)
     nets = {name: ns for name, _, ns in _networks(exp, device)}
-    top = max((float(weights.weight_vector(n).abs().max()) for ns in nets.values() for n in ns
+    top = max((float(weights.weight_vector(n, which).abs().max()) for ns in nets.values() for n in ns
                if n is not None), default=1.0)
     out = {}
     for name, ns in nets.items():
-        per_seed = [weights.weight_stats(n, cfg["bins"], (-top, top)) if n is not None else None
+        per_seed = [weights.weight_stats(n, cfg["bins"], (-top, top), which) if n is not None else None
                     for n in ns]
         ok = [s for s in per_seed if s is not None]
         out[name] = {
@@ -149,5 +153,6 @@ def weight_statistics(exp: Experiment, device=None) -> Path:
             "hist_counts": np.sum([s["hist_counts"] for s in ok], axis=0).tolist() if ok else [],
         }
     edges = torch.linspace(-top, top, cfg["bins"] + 1).tolist()
-    return write_json(eval_path(exp, "weights"), {"bins": cfg["bins"], "range": [-top, top],
+    return write_json(eval_path(exp, "weights"), {"bins": cfg["bins"], "parameters": which,
+                                                  "range": [-top, top],
                                                   "hist_edges": edges, "losses": out})

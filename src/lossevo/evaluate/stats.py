@@ -21,11 +21,20 @@ accuracy). Each comparison reports:
 
 The best hand-designed loss is picked after seeing the data (max mean); that makes it look better
 than it is (winner's curse), so "loss > best hand-designed" tests are conservative, not optimistic.
+
+Constant samples (saturated accuracies: ten seeds at 0.9951) are detected exactly (every value
+equal, ``np.ptp == 0``) and get variance exactly 0 and their value as mean, not numpy's round-off
+(a variance of ~1e-32 would make t, g and the CI arbitrary). Then, following scipy's t-test
+conventions: both constant and equal, t and p are NaN; both constant and different, t = ±inf and
+p = 0 or 1 as the alternative says (scipy's ``ttest_ind``), df NaN (Welch–Satterthwaite is 0/0);
+Hedges' g and the CI bounds are NaN whenever the pooled SD or the standard error is 0. One constant
+arm and one varying arm is an ordinary Welch test whose constant arm contributes no variance.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -47,11 +56,42 @@ def stars(p: float) -> str:
     return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else "ns"
 
 
+def moments(a: Sequence[float]) -> tuple[int, float, float]:
+    """(n, mean, ddof-1 variance) of ``a``, exact for a constant sample (its value and 0).
+
+    numpy's mean of ten copies of 0.9951 is not 0.9951, so its variance is ~1e-32, not 0; an exact
+    test of constancy (``np.ptp == 0``, n ≥ 2) gives the zero-variance contract of the module. A
+    single value has an undefined (NaN) variance.
+    """
+    a = np.asarray(a, float)
+    if a.size >= 2 and np.ptp(a) == 0:
+        return a.size, float(a[0]), 0.0
+    return a.size, float(a.mean()) if a.size else math.nan, float(a.var(ddof=1)) if a.size > 1 else math.nan
+
+
 def welch(a: Sequence[float], b: Sequence[float], alternative: str = "greater") -> dict[str, float]:
-    """Welch's t-test of mean(a) vs mean(b) via scipy: t, Welch–Satterthwaite df, p."""
-    res = sps.ttest_ind(np.asarray(a, float), np.asarray(b, float), equal_var=False,
-                        alternative=alternative)
-    return {"t": float(res.statistic), "df": float(res.df), "p": float(res.pvalue)}
+    """Welch's t-test of mean(a) vs mean(b) via scipy: t, Welch–Satterthwaite df, p.
+
+    A constant arm enters with its exact mean and variance 0 (:func:`moments`; scipy's
+    ``ttest_ind_from_stats``), so two constant arms give NaN (equal) or ±inf/p ∈ {0, 1} (different).
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    (na, ma, va), (nb, mb, vb) = moments(a), moments(b)
+    # scipy on the samples unless a constant arm has round-off variance or both arms are constant
+    # (scipy's df is then an artifact): the same bits as before wherever numpy was already exact.
+    round_off = na >= 2 and nb >= 2 and ((va == 0 and a.var(ddof=1) != 0) or (vb == 0 and b.var(ddof=1) != 0))
+    if na < 2 or nb < 2 or not (round_off or va == vb == 0):
+        with warnings.catch_warnings():
+            if va == 0 or vb == 0:  # scipy's "nearly identical data" warning: exactly constant here
+                warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+            res = sps.ttest_ind(a, b, equal_var=False, alternative=alternative)
+        return {"t": float(res.statistic), "df": float(res.df), "p": float(res.pvalue)}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        res = sps.ttest_ind_from_stats(ma, math.sqrt(va), na, mb, math.sqrt(vb), nb, equal_var=False,
+                                       alternative=alternative)
+    sa, sb = va / na, vb / nb
+    df = (sa + sb) ** 2 / (sa**2 / (na - 1) + sb**2 / (nb - 1)) if sa + sb > 0 else math.nan
+    return {"t": float(res.statistic), "df": float(df), "p": float(res.pvalue)}
 
 
 def holm(p: Sequence[float]) -> np.ndarray:
@@ -59,7 +99,7 @@ def holm(p: Sequence[float]) -> np.ndarray:
 
     With the m p-values sorted ascending, p_(i) is adjusted to max_{j<=i} min(1, (m − j + 1) p_(j)):
     uniformly more powerful than Bonferroni, valid under any dependence between the tests (here
-    they share the reference's seeds). A NaN p (a degenerate test, e.g. zero variance in both
+    they share the reference's seeds). A NaN p (a degenerate test, e.g. two equal constant
     samples) stays NaN but still counts in m, as a test that cannot reject: conservative.
     """
     # Hand-written: statsmodels (multipletests 'holm') is not a dependency, and scipy's
@@ -80,16 +120,17 @@ def hedges_g(a: Sequence[float], b: Sequence[float]) -> float:
     Pooled SD = sqrt(((na − 1) sa² + (nb − 1) sb²) / (na + nb − 2)) with ddof = 1 SDs; Cohen's d
     overestimates |δ| in small samples (10 seeds), J = 1 − 3 / (4 (na + nb − 2) − 1) corrects it
     (Hedges & Olkin 1985; 0.01 % above the exact Γ-form at 10 + 10 seeds, 0.3 % at 3 + 3).
-    Positive when a's mean is higher; NaN when the pooled SD is 0 or undefined.
+    Positive when a's mean is higher; NaN when the pooled SD is 0 (both samples constant, exactly:
+    :func:`moments`) or undefined.
     """
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    dof = a.size + b.size - 2
-    if a.size < 2 or b.size < 2:
+    (na, ma, va), (nb, mb, vb) = moments(a), moments(b)
+    dof = na + nb - 2
+    if na < 2 or nb < 2:
         return math.nan
-    pooled = math.sqrt(((a.size - 1) * a.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / dof)
+    pooled = math.sqrt(((na - 1) * va + (nb - 1) * vb) / dof)
     if not pooled > 0:
         return math.nan
-    return float((a.mean() - b.mean()) / pooled * (1 - 3 / (4 * dof - 1)))
+    return float((ma - mb) / pooled * (1 - 3 / (4 * dof - 1)))
 
 
 def diff_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -98,16 +139,19 @@ def diff_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) ->
     diff ± t_{(1+confidence)/2, ν} · sqrt(sa²/na + sb²/nb), ν the Welch–Satterthwaite df: the
     interval scipy's ``ttest_ind(a, b, equal_var=False).confidence_interval()`` gives. Unequal
     variances are the rule here (a bad loss can be far noisier than cross-entropy), hence Welch.
-    NaN bounds when the standard error is 0 or undefined.
+    NaN bounds when the standard error is 0 (both samples constant, exactly: :func:`moments`;
+    scipy's interval then has zero width, which would read as certainty) or undefined.
     """
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    (na, ma, va), (nb, mb, vb) = moments(a), moments(b)
+    if na < 2 or nb < 2:
+        return math.nan, math.nan
+    va, vb = va / na, vb / nb
     se = math.sqrt(va + vb)
     if not se > 0:
         return math.nan, math.nan
-    nu = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    nu = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
     half = float(sps.t.ppf((1 + confidence) / 2, nu)) * se
-    d = float(a.mean() - b.mean())
+    d = ma - mb
     return d - half, d + half
 
 
@@ -115,7 +159,7 @@ def compare(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) ->
     """Everything one row reports about a vs b: diff, CI, Hedges' g, one-tailed Welch t/df/p."""
     lo, hi = diff_ci(a, b, confidence)
     w = welch(a, b, "greater")
-    return {"diff": float(np.mean(a) - np.mean(b)), "ci_low": lo, "ci_high": hi,
+    return {"diff": moments(a)[1] - moments(b)[1], "ci_low": lo, "ci_high": hi,
             "hedges_g": hedges_g(a, b), **w}
 
 
@@ -142,12 +186,12 @@ def table(accuracies: Mapping[str, Sequence[float]], baseline: str,
     hand-designed loss, or when the best one is the baseline (that comparison is the first one).
     ``confidence`` is the level of both intervals (a column, so :func:`markdown` can label them).
     """
-    means = {n: float(np.mean(a)) for n, a in accuracies.items()}
+    means = {n: moments(a)[1] for n, a in accuracies.items()}
     ref = best_hand_designed(means, specs or {})
     ref = None if ref == baseline else ref
     rows = []
     for name, acc in accuracies.items():
-        row = {"loss": name, "n": len(acc), "mean": means[name], "std": float(np.std(acc, ddof=1))}
+        row = {"loss": name, "n": len(acc), "mean": means[name], "std": math.sqrt(moments(acc)[2])}
         if name == baseline:
             row.update(dict.fromkeys(VS_BASELINE, math.nan), sig="baseline")
         else:

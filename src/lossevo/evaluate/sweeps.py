@@ -16,9 +16,13 @@ kept), each sweep trains new networks with the experiment's full retraining reci
 Seeds: a sweep with ``seeds: N`` uses ``retrain.seed_offset + 0..N-1``, the first N retraining
 seeds. A setting equal to the retraining's (fraction 1, lr factor 1) would repeat those runs
 (same seeds, data and recipe), so their results are read from ``retrain/LOSS.json`` and only
-seeds it lacks are trained. As in retraining, a run that diverges counts as accuracy 0 (dropping it would flatter
-the loss). Every loss is the spec in ``retrain/LOSS.json`` (what was retrained): a searched loss
-is not searched again on reduced data or at another learning rate. Tests are the papers'
+seeds it lacks are trained. A run that diverges (non-finite loss) is retried with seed + 1000 ×
+attempt, up to ``attempts`` tries in all (:func:`train_runs`, one retry helper for both sweeps; the
+papers retried failed runs); one that fails every try counts as accuracy 0, as in retraining
+(dropping it would flatter the loss), and the data sweep also reports the mean over the runs that
+trained with their count (dissertation §5.4.3: "only four out of ten ... trained"). Every loss
+is the spec in ``retrain/LOSS.json`` (what was retrained): a searched loss is not searched again
+on reduced data or at another learning rate. Tests are the papers'
 one-tailed Welch tests vs ``stats.baseline``.
 
 Work is split into jobs (one population per fraction and loss group, per learning rate, per
@@ -47,7 +51,7 @@ from lossevo.losses import taylor
 from lossevo.training import trainer
 from lossevo.training.population import loss_group, train_many
 
-#: A diverged lr-sweep run is retried with seed + RETRY_STRIDE × attempt (attempt 0: the seed).
+#: A diverged sweep run is retried with seed + RETRY_STRIDE × attempt (attempt 0: the seed).
 RETRY_STRIDE = 1000
 #: What a sweep keeps of a training result.
 RESULT_KEYS = ("status", "reason", "test_accuracy")
@@ -90,6 +94,54 @@ def _train(exp: Experiment, specs: list[dict], recipe: dict, seeds: list[int],
         split = subset(split, fraction, exp.cfg["data"]["split_seed"])
     results = train_many(exp.cfg["model"], split.to(device), specs, recipe, seeds, device=device)
     return [{"status": r["status"], "reason": r["reason"], "test_accuracy": _accuracy(r)} for r in results]
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+    """The training seed of ``attempt`` (0 = the first try) of the run with ``seed``."""
+    return seed + RETRY_STRIDE * attempt
+
+
+def train_runs(exp: Experiment, specs: list[dict], recipe: dict, seeds: list[int], attempts: int,
+               first: dict[int, dict] | None = None, fraction: float | None = None,
+               device: torch.device | None = None) -> list[dict]:
+    """Train run i (``specs[i]`` with ``seeds[i]``, on the :func:`subset` at ``fraction`` if given),
+    retrying a failed run with :func:`retry_seed` up to ``attempts`` tries in all.
+
+    ``first``: known first-attempt results by run index (the retraining's own), not trained again.
+    Each retry round trains all still-failed runs of the job together. Returns per run ``{"seed",
+    "attempts": [{"seed", "status", "reason", "test_accuracy"}...], "status", "test_accuracy"}``,
+    the last attempt's status and accuracy (0 if every attempt failed).
+    """
+    first = first or {}
+    runs = [{"seed": s, "attempts": [dict(first[i], seed=s)] if i in first else []}
+            for i, s in enumerate(seeds)]
+    for attempt in range(attempts):
+        pending = [i for i, r in enumerate(runs) if len(r["attempts"]) == attempt
+                   and (attempt == 0 or r["attempts"][-1]["status"] != "ok")]
+        if not pending:
+            continue
+        tried = [retry_seed(seeds[i], attempt) for i in pending]
+        out = _train(exp, [specs[i] for i in pending], recipe, tried, fraction, device)
+        for i, s, r in zip(pending, tried, out):
+            runs[i]["attempts"].append(dict(r, seed=s))
+    for run in runs:
+        last = run["attempts"][-1]
+        run["status"], run["test_accuracy"] = last["status"], last["test_accuracy"]
+    return runs
+
+
+def _needs_training(n: int, first: dict[int, dict], attempts: int) -> bool:
+    """Whether :func:`train_runs` of ``n`` runs with these known first attempts trains anything."""
+    return any(i not in first or (attempts > 1 and first[i]["status"] != "ok") for i in range(n))
+
+
+def train_with_retries(exp: Experiment, spec: dict, recipe: dict, seeds: list[int], attempts: int,
+                       first: dict[int, dict] | None = None,
+                       device: torch.device | None = None) -> list[dict]:
+    """:func:`train_runs` of one ``spec`` over ``seeds``; ``first`` keyed by seed."""
+    first = first or {}
+    known = {i: first[s] for i, s in enumerate(seeds) if s in first}
+    return train_runs(exp, [spec] * len(seeds), recipe, seeds, attempts, known, device=device)
 
 
 def _map(exp: Experiment, func, jobs: list[tuple], workers: int) -> list:
@@ -137,7 +189,10 @@ def data_sweep(exp: Experiment, device: torch.device | None = None, workers: int
     """Test accuracy per training fraction × loss × seed; Welch test vs the baseline per fraction.
 
     One job per fraction and loss group (the losses that train as one population), so the
-    populations are those one ``train_many`` call over all losses would form.
+    populations are those one ``train_many`` call over all losses would form; a diverged run is
+    retried within its job (:func:`train_runs`, ``attempts`` tries in all). Per fraction, the
+    summary and tests score a run that failed every try as 0 (the retraining's rule); ``trained``
+    and ``summary_trained`` give the count of runs that trained and their mean alone.
     """
     cfg = exp.cfg["evaluate"]["data_sweep"]
     _, split = _setup(exp, torch.device("cpu"))
@@ -145,76 +200,58 @@ def data_sweep(exp: Experiment, device: torch.device | None = None, workers: int
     records = {n: _record(exp, n) for n in names}
     seeds = _seeds(exp, cfg["seeds"])
     baseline = exp.cfg["stats"]["baseline"]
+    attempts = cfg["attempts"]
     fractions = sorted(float(f) for f in cfg["fractions"])
     sizes = [len(subset(split, f, exp.cfg["data"]["split_seed"]).y_train) for f in fractions]
-    results: dict[tuple[float, str], dict[int, dict]] = {}  # (fraction, loss) -> seed -> result
+    results: dict[tuple[float, str], dict[int, dict]] = {}  # (fraction, loss) -> seed -> run
     jobs, keys = [], []
     for frac, size in zip(fractions, sizes):
-        groups: dict[str | None, list[tuple[str, int]]] = {}
+        groups: dict[str | None, list[tuple[str, int, dict | None]]] = {}
         for n in names:
-            results[frac, n] = _reused(records[n], seeds) if size == len(split.y_train) else {}
-            todo = [(n, s) for s in seeds if s not in results[frac, n]]
-            groups.setdefault(loss_group(records[n]["spec"]), []).extend(todo)
-        for pairs in groups.values():
-            if pairs:
-                jobs.append((exp, [records[n]["spec"] for n, _ in pairs], exp.cfg["training"],
-                             [s for _, s in pairs], frac, device))
-                keys.append([(frac, n, s) for n, s in pairs])
+            known = _reused(records[n], seeds) if size == len(split.y_train) else {}
+            groups.setdefault(loss_group(records[n]["spec"]), []).extend((n, s, known.get(s)) for s in seeds)
+        for runs in groups.values():
+            first = {i: r for i, (_, _, r) in enumerate(runs) if r is not None}
+            job = (exp, [records[n]["spec"] for n, _, _ in runs], exp.cfg["training"],
+                   [s for _, s, _ in runs], attempts, first, frac, device)
+            key = [(frac, n, s) for n, s, _ in runs]
+            if _needs_training(len(runs), first, attempts):
+                jobs.append(job)
+                keys.append(key)
+            else:  # every run known from the retraining: nothing to train
+                for (f, n, s), r in zip(key, train_runs(*job)):
+                    results.setdefault((f, n), {})[s] = r
     order = sorted(range(len(jobs)), key=lambda j: -len(keys[j]))  # big populations first
     jobs, keys = [jobs[j] for j in order], [keys[j] for j in order]
-    for key, out in zip(keys, _map(exp, _train, jobs, workers)):
+    for key, out in zip(keys, _map(exp, train_runs, jobs, workers)):
         for (frac, n, s), r in zip(key, out):
-            results[frac, n][s] = r
-    acc = {n: [[results[f, n][s]["test_accuracy"] for s in seeds] for f in fractions] for n in names}
-    status = {n: [[results[f, n][s]["status"] for s in seeds] for f in fractions] for n in names}
+            results.setdefault((frac, n), {})[s] = r
+    grid = {n: [[results[f, n][s] for s in seeds] for f in fractions] for n in names}
+    acc = {n: [[r["test_accuracy"] for r in per] for per in grid[n]] for n in names}
     per_fraction = []
     for i, (frac, size) in enumerate(zip(fractions, sizes)):
         values = {n: acc[n][i] for n in names}
+        ok = {n: [r["test_accuracy"] for r in grid[n][i] if r["status"] == "ok"] for n in names}
         per_fraction.append({"fraction": frac, "train_size": size,
                              "reused_retraining": size == len(split.y_train),
                              "summary": {n: _summary(v) for n, v in values.items()},
-                             "tests": _tests(values, baseline, "greater")})
+                             "tests": _tests(values, baseline, "greater"),
+                             "trained": {n: len(v) for n, v in ok.items()},
+                             "summary_trained": {n: _summary(v) for n, v in ok.items()},
+                             "retried_runs": {n: sum(len(r["attempts"]) > 1 for r in grid[n][i])
+                                              for n in names}})
     return write_json(eval_path(exp, "data_sweep"), {
         "fractions": fractions, "train_sizes": sizes,
         "full_train_size": len(split.y_train), "split_seed": exp.cfg["data"]["split_seed"],
         "seeds": seeds, "losses": names, "baseline": baseline, "alpha": exp.cfg["stats"]["alpha"],
-        "accuracy": acc, "status": status, "per_fraction": per_fraction,
+        "attempts": attempts, "retry_stride": RETRY_STRIDE, "accuracy": acc,
+        "status": {n: [[r["status"] for r in per] for per in grid[n]] for n in names},
+        "tries": {n: [[len(r["attempts"]) for r in per] for per in grid[n]] for n in names},
+        "per_fraction": per_fraction,
     })
 
 
 # --------------------------------------------------------------------------- learning rates
-
-
-def retry_seed(seed: int, attempt: int) -> int:
-    """The training seed of ``attempt`` (0 = the first try) of the run with ``seed``."""
-    return seed + RETRY_STRIDE * attempt
-
-
-def train_with_retries(exp: Experiment, spec: dict, recipe: dict, seeds: list[int], attempts: int,
-                       first: dict[int, dict] | None = None,
-                       device: torch.device | None = None) -> list[dict]:
-    """Train ``spec`` once per seed, retrying a failed run with :func:`retry_seed` up to
-    ``attempts`` tries in all (the papers retried failed learning-rate runs).
-
-    ``first``: known first-attempt results by seed (the retraining's own), not trained again.
-    Each retry round trains all still-failed runs together. Returns per seed ``{"seed",
-    "attempts": [{"seed", "status", "reason", "test_accuracy"}...], "status", "test_accuracy"}``,
-    the last attempt's status and accuracy (0 if every attempt failed).
-    """
-    first = first or {}
-    runs = [{"seed": s, "attempts": [dict(first[s], seed=s)] if s in first else []} for s in seeds]
-    for attempt in range(attempts):
-        pending = [i for i, r in enumerate(runs) if len(r["attempts"]) == attempt
-                   and (attempt == 0 or r["attempts"][-1]["status"] != "ok")]
-        if not pending:
-            continue
-        tried = [retry_seed(seeds[i], attempt) for i in pending]
-        for i, s, r in zip(pending, tried, _train(exp, [spec] * len(pending), recipe, tried, device=device)):
-            runs[i]["attempts"].append(dict(r, seed=s))
-    for run in runs:
-        last = run["attempts"][-1]
-        run["status"], run["test_accuracy"] = last["status"], last["test_accuracy"]
-    return runs
 
 
 def lr_sweep(exp: Experiment, device: torch.device | None = None, workers: int = 1) -> Path:

@@ -5,10 +5,13 @@ their histogram, and whether they look Laplace-like (sparse, peaked at 0, heavy-
 implicit regulariser) or Gaussian-like (an L2-like one). :func:`weight_stats` gives those numbers
 for one model; comparing losses over seeds is left to the caller (e.g. a Welch test per column).
 
-Only weight matrices and filters (parameters of dim ≥ 2) are counted. Biases and normalisation
-scales/shifts (dim ≤ 1) are a small fraction of the parameters with a different distribution of
-their own (biases start at or near 0, BatchNorm scales near 1), which would blur the histogram and
-the fits; this is also the set that the accuracy basins (:mod:`lossevo.evaluate.basins`) perturb.
+By default every trainable parameter is counted (``parameters="all"``), as the dissertation bins
+"each trainable parameter" (Table 5.3, Fig. 5.8): weights, biases and normalisation scales and
+shifts. ``parameters="weights"`` keeps only weight matrices and filters (dim ≥ 2): biases and
+BatchNorm scales/shifts have distributions of their own (biases start at or near 0, BatchNorm
+scales near 1) that blur the histogram and the fits, the more so in BatchNorm networks; this is
+also the set that the accuracy basins (:mod:`lossevo.evaluate.basins`) perturb. Buffers (BatchNorm
+running statistics) and frozen parameters are never counted.
 """
 
 from __future__ import annotations
@@ -18,12 +21,20 @@ import torch
 from scipy import stats as sps
 from torch import nn
 
+#: Which parameters :func:`weight_vector` counts (see the module docstring).
+PARAMETER_SETS = ("all", "weights")
 
-def weight_vector(model: nn.Module) -> torch.Tensor:
-    """All weights of dim-≥2 parameters, flattened and concatenated (on the model's device)."""
-    ws = [p.detach().flatten() for p in model.parameters() if p.dim() >= 2]
+
+def weight_vector(model: nn.Module, parameters: str = "all") -> torch.Tensor:
+    """The trainable parameters (``all``) or only those of dim ≥ 2 (``weights``), flattened and
+    concatenated in ``model.parameters()`` order (on the model's device)."""
+    if parameters not in PARAMETER_SETS:
+        raise ValueError(f"weight_stats: parameters must be one of {PARAMETER_SETS}, got {parameters!r}")
+    ws = [p.detach().flatten() for p in model.parameters()
+          if p.requires_grad and (parameters == "all" or p.dim() >= 2)]
     if not ws:
-        raise ValueError("weight_stats: the model has no weight matrices or filters (dim >= 2)")
+        what = "trainable parameters" if parameters == "all" else "weight matrices or filters (dim >= 2)"
+        raise ValueError(f"weight_stats: the model has no {what}")
     return torch.cat(ws)
 
 
@@ -47,13 +58,16 @@ def fit_distributions(w: np.ndarray) -> dict:
     return out
 
 
-def weight_stats(model: nn.Module, bins: int = 51, range_: tuple[float, float] | None = None) -> dict:
-    """Summary of ``model``'s weights (dim-≥2 parameters only; biases excluded, see the module).
+def weight_stats(model: nn.Module, bins: int = 51, range_: tuple[float, float] | None = None,
+                 parameters: str = "all") -> dict:
+    """Summary of ``model``'s parameters of :func:`weight_vector` (``parameters``: ``all``
+    trainable ones, or only ``weights`` of dim ≥ 2; see the module).
 
-    Returns ``n_weights``; ``l2_norm`` (√Σw²), ``mean``, ``mean_abs``, ``std`` (population) and
-    ``max_abs``; a histogram ``hist_counts`` (``bins`` ints) over ``hist_edges`` (``bins + 1``
-    floats); the fits of :func:`fit_distributions` under ``laplace``, ``gaussian``,
-    ``better_fit`` and ``loglik_diff_per_weight``.
+    Returns ``parameters``, ``n_weights`` (the number of values counted); ``l2_norm`` (√Σw²),
+    ``mean``, ``mean_abs``, ``std`` (population) and ``max_abs``; a histogram ``hist_counts``
+    (``bins`` ints) over ``hist_edges`` (``bins + 1`` floats); the fits of
+    :func:`fit_distributions` under ``laplace``, ``gaussian``, ``better_fit`` and
+    ``loglik_diff_per_weight``.
 
     Histogram range: by default symmetric about 0 at ±max|w| (with an odd ``bins``, such as the
     default 51, one bin is centred on 0). Pass a fixed ``range_=(lo, hi)`` so that the histograms
@@ -62,7 +76,7 @@ def weight_stats(model: nn.Module, bins: int = 51, range_: tuple[float, float] |
     """
     if bins < 1:
         raise ValueError(f"weight_stats: bins must be >= 1, got {bins}")
-    w = weight_vector(model).double().cpu().numpy()
+    w = weight_vector(model, parameters).double().cpu().numpy()
     max_abs = float(np.abs(w).max())
     if range_ is None:
         half = max_abs if max_abs > 0 else 1.0
@@ -74,6 +88,7 @@ def weight_stats(model: nn.Module, bins: int = 51, range_: tuple[float, float] |
     edges = np.linspace(lo, hi, bins + 1)
     counts, _ = np.histogram(np.clip(w, lo, hi), bins=edges)
     stats = {
+        "parameters": parameters,
         "n_weights": int(w.size),
         "l2_norm": float(np.linalg.norm(w)),
         "mean": float(w.mean()),

@@ -51,6 +51,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def _eps_units(f: dict) -> str:
+    """``pixel`` or ``normalized``: the unit of eval/fgsm.json's ε (older files: pixel)."""
+    return f.get("epsilon_space", "pixel")
+
+
 def draw(ev: dict, fdir: Path) -> dict[str, Path]:
     """FGSM curves, 1-D and 2-D basins and weight histograms; returns {key: path}."""
     out = {}
@@ -60,7 +65,7 @@ def draw(ev: dict, fdir: Path) -> dict[str, Path]:
         a = np.asarray(per_seed, float)
         ax.errorbar(f["epsilons"], a.mean(0), yerr=a.std(0, ddof=1) if len(a) > 1 else None,
                     marker="o", ms=3, capsize=2, label=name)
-    ax.set(xlabel="FGSM ε (pixel units)", ylabel="test accuracy",
+    ax.set(xlabel=f"FGSM ε ({_eps_units(f)} units)", ylabel="test accuracy",
            title=f"FGSM: attacker differentiates {f['attack_loss'].replace('_', '-')}")
     ax.legend(fontsize=7)
     out["fgsm"] = _save(fig, fdir / "fgsm.png")
@@ -99,7 +104,8 @@ def draw(ev: dict, fdir: Path) -> dict[str, Path]:
         counts = np.asarray(rows["hist_counts"], float)
         if counts.sum() > 0:
             ax.step(centres, counts / counts.sum(), where="mid", label=name)
-    ax.set(xlabel="weight value", ylabel="fraction of weights (log)", yscale="log",
+    ax.set(xlabel="parameter value" if w.get("parameters") == "all" else "weight value",
+           ylabel="fraction of values (log)", yscale="log",
            title=f"Weight histograms ({w['bins']} shared bins, all seeds)")
     ax.legend(fontsize=7)
     out["weights"] = _save(fig, fdir / "weights.png")
@@ -113,9 +119,11 @@ def sections(ev: dict, figs: dict[str, Path], rel) -> list[str]:
     attacker = ("cross-entropy (the same attack for every loss)" if f["attack_loss"] == "cross_entropy"
                 else "each network's own training loss (as the authors' code does; a loss with a "
                      "flat input gradient weakens its own attack)")
+    step = ("ε on [0, 1] pixels" if _eps_units(f) == "pixel" else
+            "ε in normalised units, i.e. ε·std pixels per channel (the authors' code's unit)")
     lines = ["## Adversarial robustness (FGSM)", "",
-             f"Test accuracy under x ← clamp(x + ε·sign(∇ₓL), 0, 1), the step and clamp in pixel "
-             f"space before normalisation; the attacker differentiates {attacker}. "
+             f"Test accuracy under x ← clamp(x + ε·sign(∇ₓL), 0, 1) in pixel space before "
+             f"normalisation, a step of {step}; the attacker differentiates {attacker}. "
              f"Mean (std) over the retraining seeds; stars: one-tailed Welch test, H1: more "
              f"accurate than `{base}` at that ε.", ""]
     header = ["loss", *(f"ε = {e:g}" for e in f["epsilons"])]
@@ -146,10 +154,13 @@ def sections(ev: dict, figs: dict[str, Path], rel) -> list[str]:
     else:
         lines += [f"No 2-D basins: they need two directions per seed (basins.directions is {b['directions']}).", ""]
 
+    counted = ("every trainable parameter (weights, biases and normalisation scales and shifts, "
+               "as the dissertation's Table 5.3 and Fig. 5.8)" if w.get("parameters", "weights") == "all"
+               else "the weight matrices and filters (biases and normalisation parameters excluded)")
     lines += ["## Weight statistics", "",
-              "Weights of the weight matrices and filters (biases excluded) of the retrained "
-              "networks: L2 norm and mean, mean (std) over seeds, and whether a Laplace or a "
-              "Gaussian fits them better (log-likelihood of the fitted distribution), per seed.", ""]
+              f"Values of {counted} of the retrained networks: L2 norm and mean, mean (std) over "
+              "seeds, and whether a Laplace or a Gaussian fits them better (log-likelihood of the "
+              "fitted distribution), per seed.", ""]
     rows = [[f"`{n}`", _ms(r["l2_norm"]), _ms(r["mean"]), f"{r['laplace_better']} of {r['fitted']}"]
             for n, r in w["losses"].items()]
     lines += _table(["loss", "L2 norm", "mean", "seeds where Laplace fits better"], rows)

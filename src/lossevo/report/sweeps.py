@@ -115,33 +115,55 @@ def draw(sw: dict, fdir: Path) -> dict[str, Path]:
     return out
 
 
+def _data_cell(pf: dict, name: str, n: int) -> str:
+    """mean (std) with diverged runs as 0, stars; then "k of n trained: mean" when some failed."""
+    cell = _ms(pf["summary"][name]) + _sig(pf["tests"].get(name))
+    trained = pf.get("trained", {}).get(name, n)
+    if trained < n:
+        ok = pf["summary_trained"][name]["mean"]
+        cell += f"; {trained} of {n} trained" + (f": {ok:.4f}" if trained else "")
+    return cell
+
+
 def _data_section(d: dict, fig: str) -> list[str]:
     base = d["baseline"]
+    n = len(d["seeds"])
+    attempts = d.get("attempts", 1)
+    retry = (f"a run that diverges is retried with seed + {d['retry_stride']} × attempt, up to "
+             f"{attempts} attempts in all; " if attempts > 1 else "")
     lines = ["## Reduced training data", "",
              f"Each loss retrained from scratch (full recipe, the retrained spec, no new search) on "
              f"a stratified subset of the training split (data.split_seed {d['split_seed']}; "
              f"{d['full_train_size']} examples at fraction 1; validation and test sets unchanged), "
-             f"seeds {d['seeds'][0]}–{d['seeds'][-1]}. Mean (std) test accuracy; stars: one-tailed "
-             f"Welch test, H1: more accurate than `{base}` at that fraction; diverged runs count as 0.",
+             f"seeds {d['seeds'][0]}–{d['seeds'][-1]}; {retry}a run that fails every attempt counts "
+             f"as 0. Mean (std) test accuracy; stars: one-tailed Welch test, H1: more accurate than "
+             f"`{base}` at that fraction. Where some runs failed, the cell adds how many of the {n} "
+             f"trained and their mean alone (the dissertation's \"only four out of ten ... trained\", "
+             f"§5.4.3): scoring failures as 0 pulls an unstable loss down, leaving them out flatters it.",
              ""]
     header = ["loss", *(f"{pf['fraction']:g} ({pf['train_size']})" for pf in d["per_fraction"])]
-    rows = [[f"`{n}`", *(_ms(pf["summary"][n]) + _sig(pf["tests"].get(n)) for pf in d["per_fraction"])]
-            for n in d["losses"]]
+    rows = [[f"`{name}`", *(_data_cell(pf, name, n) for pf in d["per_fraction"])] for name in d["losses"]]
     lines += _table(header, rows)
-    diverged = {n: sum(s != "ok" for per in d["status"][n] for s in per) for n in d["losses"]}
+    diverged = {name: sum(s != "ok" for per in d["status"][name] for s in per) for name in d["losses"]}
+    retried = {name: sum(pf.get("retried_runs", {}).get(name, 0) for pf in d["per_fraction"])
+               for name in d["losses"]}
     first, last = d["per_fraction"][0], d["per_fraction"][-1]
-    gaps = {n: (first["summary"][n]["mean"] - first["summary"][base]["mean"],
-                last["summary"][n]["mean"] - last["summary"][base]["mean"]) for n in d["losses"] if n != base}
-    sig = [n for n, tst in first["tests"].items() if tst["p"] < d["alpha"]]
+    gaps = {name: (first["summary"][name]["mean"] - first["summary"][base]["mean"],
+                   last["summary"][name]["mean"] - last["summary"][base]["mean"])
+            for name in d["losses"] if name != base}
+    sig = [name for name, tst in first["tests"].items() if tst["p"] < d["alpha"]]
     text = (f"At the smallest fraction ({first['train_size']} examples) {len(sig)} of {len(gaps)} losses "
-            f"beat `{base}` at p < {d['alpha']:g}" + (f" ({', '.join(f'`{n}`' for n in sig)})" if sig else "") + ".")
+            f"beat `{base}` at p < {d['alpha']:g}" + (f" ({', '.join(f'`{x}`' for x in sig)})" if sig else "") + ".")
     if len(d["per_fraction"]) > 1 and gaps:
-        grows = [n for n, (g0, g1) in gaps.items() if g0 > g1]
+        grows = [name for name, (g0, g1) in gaps.items() if g0 > g1]
         text += (f" The mean gain over `{base}` is larger at {first['fraction']:g} than at "
                  f"{last['fraction']:g} for {len(grows)} of {len(gaps)} losses (the papers: the gap "
                  f"grows as the data shrinks).")
+    if any(retried.values()):
+        text += " Runs retried: " + ", ".join(f"`{k}` {v}" for k, v in retried.items() if v) + "."
     if any(diverged.values()):
-        text += " Diverged runs: " + ", ".join(f"`{n}` {v}" for n, v in diverged.items() if v) + "."
+        text += (" Runs that failed every attempt (scored 0): "
+                 + ", ".join(f"`{k}` {v}" for k, v in diverged.items() if v) + ".")
     return lines + ["", text, "", f"![reduced data]({fig})", ""]
 
 

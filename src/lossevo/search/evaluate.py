@@ -139,5 +139,5 @@ def _score(results: list[dict], specs: list[dict], split: Split, model_cfg: dict
         if attack is not None and getattr(attack, "uses_progress", False):
             attack.progress = 1.0
         (acc,) = adversarial.fgsm_accuracy(net, split.x_val, split.y_val, [fitness["epsilon"]], mean, std,
-                                           attack)
+                                           attack, epsilon_space=fitness.get("epsilon_space", "pixel"))
         r["val_accuracy_clean"], r["val_accuracy"] = r["val_accuracy"], acc
